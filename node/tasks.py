@@ -1,0 +1,123 @@
+"""The one Celery app and its one task decorator.
+
+The broker is a transport, not the source of truth: every job is a row, the task
+is idempotent (it claims the row with a lease before any work), and the sweeper
+re-enqueues rows whose message was lost (broker down at intake, worker killed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import update
+
+from node.config import NodeConfig, load_config
+from node.db import Job, JobStatus, get_sessionmaker, utcnow
+
+__all__ = ["app", "configure_app", "enqueue_job", "ptx_task", "run_job"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "PTX_NODE_CONFIG"
+
+app = Celery("ptx_node")
+_configured_for: str | None = None
+
+
+def configure_app(config: NodeConfig) -> Celery:
+    """Point the app at the configured broker (idempotent per broker URL)."""
+    global _configured_for
+    if _configured_for == config.broker_url:
+        return app
+    transport_options: dict[str, Any] = {}
+    if config.broker_url.startswith("sqla+"):
+        # The SQLAlchemy transport polls; a short interval keeps latency low.
+        transport_options["polling_interval"] = 0.2
+    elif config.broker_url.startswith(("redis://", "rediss://")):
+        # Redelivery of unacked messages after a worker vanished; the sweeper is faster.
+        transport_options["visibility_timeout"] = 3600
+    app.conf.update(
+        broker_url=config.broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=config.worker.queue,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        broker_pool_limit=2,
+    )
+    _configured_for = config.broker_url
+    return app
+
+
+def ptx_task(**options: Any):
+    """The project's only task decorator: late ack, requeue on worker loss, our queue."""
+    defaults: dict[str, Any] = {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "ignore_result": True,
+        "max_retries": 0,
+    }
+    defaults.update(options)
+    return app.task(**defaults)
+
+
+_runtime_config: NodeConfig | None = None
+
+
+def worker_config() -> NodeConfig:
+    """The config a worker process runs with (from PTX_NODE_CONFIG and the environment)."""
+    global _runtime_config
+    if _runtime_config is None:
+        _runtime_config = load_config(os.environ.get(CONFIG_ENV) or None)
+        configure_app(_runtime_config)
+    return _runtime_config
+
+
+def set_worker_config(config: NodeConfig) -> None:
+    global _runtime_config
+    _runtime_config = config
+    configure_app(config)
+
+
+@ptx_task(name="ptx.run_job")
+def run_job(*, job_id: int) -> str:
+    from node.pipeline import process_job
+
+    return process_job(worker_config(), job_id=job_id)
+
+
+def enqueue_job(config: NodeConfig, job_id: int, *, countdown: float | None = None) -> bool:
+    """Publish the job's task; mark the row QUEUED. Never raises: the sweeper retries."""
+    configure_app(config)
+    try:
+        run_job.apply_async(
+            kwargs={"job_id": job_id},
+            countdown=countdown,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        )
+    except Exception as exc:  # broker down: the row stays as it is and the sweeper re-enqueues
+        log.warning("job %s: enqueue failed (%s); the sweeper will retry", job_id, type(exc).__name__)
+        return False
+    try:
+        factory = get_sessionmaker(config.database_url)
+        with factory() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(queued_at=utcnow()))
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RECEIVED)
+                .values(status=JobStatus.QUEUED)
+            )
+            session.commit()
+    except Exception:
+        log.exception("job %s: enqueued but could not mark QUEUED", job_id)
+    return True
