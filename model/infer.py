@@ -1,0 +1,247 @@
+"""Segmenter: checkpoint + preprocessing + network + TTA + post-processing, CPU and GPU paths."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.checkpoint import Manifest, load_checkpoint
+from model.network import build_network
+from model.postprocess import PostprocessConfig, Prediction, postprocess
+from model.preprocess import (
+    GeometricTransform,
+    PreprocessConfig,
+    SourceImage,
+    preprocess,
+    source_image_from_dataset,
+)
+
+__all__ = ["TTA_TRANSFORMS", "Segmenter", "TTATransform"]
+
+
+@dataclass(frozen=True)
+class TTATransform:
+    """A test-time augmentation: ``forward`` on the input batch, ``inverse`` on the output."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    return torch.flip(x, dims=(-1,))
+
+
+#: Registry of TTA transforms by manifest name (room for more: vflip, scale, ...).
+TTA_TRANSFORMS: dict[str, TTATransform] = {"hflip": TTATransform(forward=_hflip, inverse=_hflip)}
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {str(device)!r} requested but CUDA is not available.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"Device must be 'cpu' or 'cuda[:N]', got {str(device)!r}.")
+    return resolved
+
+
+class Segmenter:
+    """Turns radiographs into :class:`~model.postprocess.Prediction` objects.
+
+    Build with :meth:`from_checkpoint` (served models) or :meth:`untrained` (random weights,
+    for demos and tests). CPU path: inference mode, channels-last, the TTA views run as one
+    batch. GPU path: additionally bf16 autocast and optional ``torch.compile`` on fixed
+    batch shapes.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        manifest: Manifest,
+        *,
+        device: str | torch.device = "cpu",
+        tta: bool = True,
+        checkpoint_sha256: str | None = None,
+        untrained: bool = False,
+        compile: bool = False,
+        max_batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(network, nn.Module):
+            raise TypeError("Segmenter needs a torch.nn.Module network.")
+        if not isinstance(manifest, Manifest):
+            raise TypeError("Segmenter needs a Manifest.")
+        if not isinstance(tta, bool):
+            raise TypeError("Segmenter tta must be a boolean.")
+        self.manifest = manifest
+        self.device = _resolve_device(device)
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.untrained = bool(untrained)
+        self.preprocess_config: PreprocessConfig = manifest.preprocess_config
+        self.postprocess_config: PostprocessConfig = manifest.postprocess_config
+        #: TTA transforms applied when a call says tta=True (the manifest's, hflip by default).
+        self.tta_transforms: tuple[str, ...] = tuple(manifest.tta) or ("hflip",)
+        self.tta = tta
+        if max_batch_size is None:
+            max_batch_size = 32 if self.device.type == "cuda" else 1
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError("max_batch_size must be a positive integer.")
+        self.max_batch_size = max_batch_size
+        self._use_autocast = self.device.type == "cuda"
+        network = network.to(self.device).eval()
+        network = network.to(memory_format=torch.channels_last)
+        self.network = network
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = network
+        self.compiled = False
+        if compile:
+            self._forward = torch.compile(network, dynamic=False)
+            self.compiled = True
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        tta: bool = True,
+        **options: Any,
+    ) -> Segmenter:
+        """Load a checkpoint directory (verifies the weights' sha256; no network access)."""
+        state, manifest = load_checkpoint(path)
+        network = build_network(
+            manifest.architecture, manifest.encoder,
+            in_channels=manifest.in_channels, classes=manifest.classes,
+        )
+        network.load_state_dict(state, strict=True)
+        return cls(
+            network, manifest, device=device, tta=tta,
+            checkpoint_sha256=manifest.weights_sha256, untrained=False, **options,
+        )
+
+    @classmethod
+    def untrained(
+        cls,
+        device: str | torch.device = "cpu",
+        input_size: int = 512,
+        tta: bool = True,
+        seed: int = 0,
+        *,
+        architecture: str = "unetplusplus",
+        encoder: str = "efficientnet-b4",
+        **options: Any,
+    ) -> Segmenter:
+        """UNet++/EfficientNet-B4 with seeded random weights: outputs are meaningless."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = build_network(architecture, encoder)
+        manifest = Manifest(
+            name="untrained",
+            version="0",
+            architecture=architecture,
+            encoder=encoder,
+            input_size=input_size,
+            preprocess=PreprocessConfig(input_size=input_size).to_dict(),
+            intended_use="Untrained random weights for demos and tests; outputs are meaningless.",
+        )
+        return cls(network, manifest, device=device, tta=tta, untrained=True, **options)
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess_config.input_size
+
+    # ------------------------------------------------------------------ inference
+
+    def _transforms_for(self, tta: bool | None) -> tuple[TTATransform, ...]:
+        use = self.tta if tta is None else tta
+        if not isinstance(use, bool):
+            raise TypeError("tta must be True, False or None.")
+        return tuple(TTA_TRANSFORMS[name] for name in self.tta_transforms) if use else ()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self._use_autocast:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                return self._forward(x).float()
+        return self._forward(x).float()
+
+    def _probabilities(self, x: torch.Tensor, transforms: Sequence[TTATransform]) -> torch.Tensor:
+        """(n, 1, S, S) normalized input -> (n, S, S) probability, TTA views in one batch."""
+        n = x.shape[0]
+        views = torch.cat([x, *(t.forward(x) for t in transforms)], dim=0)
+        batch = views.shape[0]
+        if self.compiled and self.device.type == "cuda":
+            # Fixed shapes for the compiled graph: pad up to the full batch.
+            full = self.max_batch_size * (1 + len(transforms))
+            if batch < full:
+                pad = views.new_zeros((full - batch, *views.shape[1:]))
+                views = torch.cat([views, pad], dim=0)
+        prob = torch.sigmoid(self._logits(views)[:batch, 0])
+        total = prob[:n].clone()
+        for i, t in enumerate(transforms, start=1):
+            total += t.inverse(prob[i * n:(i + 1) * n])
+        return total / (1 + len(transforms))
+
+    def predict_probability_net(self, net_input: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
+        """Network-grid probabilities for a preprocessed batch: (N, S, S) -> (N, S, S) float32."""
+        if not isinstance(net_input, np.ndarray) or net_input.ndim != 3:
+            raise ValueError("predict_probability_net() needs a numpy array of shape (N, S, S).")
+        n, h, w = net_input.shape
+        if h != w or h % 32 != 0:
+            raise ValueError(f"Network input must be square with a side divisible by 32, got {h}x{w}.")
+        transforms = self._transforms_for(tta)
+        out = np.empty((n, h, w), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, self.max_batch_size):
+                chunk = np.ascontiguousarray(net_input[start:start + self.max_batch_size], dtype=np.float32)
+                x = torch.from_numpy(chunk)[:, None]
+                out[start:start + len(chunk)] = self._probabilities(x, transforms).cpu().numpy()
+        return out
+
+    def _prepare(self, source: SourceImage | Any) -> tuple[SourceImage, np.ndarray, GeometricTransform]:
+        if not isinstance(source, SourceImage):
+            source = source_image_from_dataset(source)
+        net_input, transform = preprocess(source, self.preprocess_config)
+        return source, net_input, transform
+
+    def _finish(self, source: SourceImage, probability_net: np.ndarray, transform: GeometricTransform) -> Prediction:
+        probability_src = np.clip(transform.inverse(probability_net, order="linear"), 0.0, 1.0)
+        return postprocess(probability_src, self.postprocess_config, source.pixel_spacing_mm)
+
+    def predict(self, source: SourceImage | Any, *, tta: bool | None = None) -> Prediction:
+        """Segment one radiograph (a SourceImage or a pydicom Dataset) at source resolution."""
+        image, net_input, transform = self._prepare(source)
+        probability_net = self.predict_probability_net(net_input[None], tta=tta)[0]
+        return self._finish(image, probability_net, transform)
+
+    def predict_batch(self, sources: Sequence[SourceImage | Any], *, tta: bool | None = None) -> list[Prediction]:
+        """Segment several radiographs, running the network in batches of ``max_batch_size``."""
+        prepared = [self._prepare(source) for source in sources]
+        if not prepared:
+            return []
+        batch = np.stack([net_input for _, net_input, _ in prepared])
+        probabilities = self.predict_probability_net(batch, tta=tta)
+        return [
+            self._finish(image, probability, transform)
+            for (image, _, transform), probability in zip(prepared, probabilities, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"Segmenter(name={self.name!r}, version={self.version!r}, device={str(self.device)!r}, "
+            f"untrained={self.untrained}, tta={self.tta})"
+        )
