@@ -1,0 +1,129 @@
+"""Pieces shared by the SEG and SC writers: input checks and the texts they carry."""
+
+from __future__ import annotations
+
+import re
+import socket
+from importlib import metadata
+from typing import Protocol
+
+import numpy as np
+import pydicom
+
+from node.outputs.options import AlgorithmInfo, OutputOptions
+
+DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
+UNTRAINED = "UNTRAINED"
+FINDING_POSITIVE = "Pneumothorax suspected"
+FINDING_NEGATIVE = "No pneumothorax detected"
+MODEL_NAME = "ptx-node"
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+class PredictionLike(Protocol):
+    """What the writers read off `model.postprocess.Prediction`."""
+
+    mask: np.ndarray
+    score: float
+    positive: bool
+    area_px: int
+    area_mm2: float | None
+    n_components: int
+
+
+def node_version() -> str:
+    try:
+        return metadata.version("ptx-node")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def device_serial_number() -> str:
+    # which worker wrote an object is what admins need when outputs disagree
+    return (socket.gethostname() or "unknown")[:64]
+
+
+def software_versions(algorithm: AlgorithmInfo) -> list[str]:
+    return [f"{MODEL_NAME} {node_version()}"[:64], f"{algorithm.name} {algorithm.version}"[:64]]
+
+
+def check_uid(value: str, what: str) -> str:
+    if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
+        raise ValueError(f"{what} must be a valid DICOM UID of at most 64 characters.")
+    return value
+
+
+def check_source(source: pydicom.Dataset) -> tuple[int, int]:
+    """Return (rows, columns) of a single-frame image, or raise ValueError."""
+    if not isinstance(source, pydicom.Dataset):
+        raise TypeError("source must be a pydicom.Dataset.")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not source.get(keyword):
+            raise ValueError(f"Source dataset has no {keyword}.")
+    if "Rows" not in source or "Columns" not in source:
+        raise ValueError("Source dataset has no Rows/Columns.")
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("Source dataset must be a single-frame image.")
+    return int(source.Rows), int(source.Columns)
+
+
+def check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return `mask` as a bool array of the source's shape, or raise."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError("mask must be a numpy array.")
+    if mask.shape != shape:
+        raise ValueError(
+            f"mask shape {mask.shape} does not match the source image {shape} "
+            "(masks are written at the source resolution)."
+        )
+    if mask.dtype == np.bool_:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all():
+        return mask.astype(bool)
+    raise ValueError("mask must be boolean (or integer 0/1).")
+
+
+def series_description(kind: str, algorithm: AlgorithmInfo, options: OutputOptions) -> str:
+    """E.g. "PTX SEG UNTRAINED (NOT FOR DIAGNOSTIC USE)"; LO, so at most 64 characters."""
+    text = f"PTX {kind}"
+    if algorithm.untrained:
+        text += f" {UNTRAINED}"
+    if options.diagnostic_disclaimer:
+        text += f" ({DISCLAIMER})"
+    return text[:64]
+
+
+def algorithm_sentence(algorithm: AlgorithmInfo) -> str:
+    text = f"Automatic pneumothorax segmentation by {algorithm.name} {algorithm.version}"
+    if algorithm.untrained:
+        text += f" ({UNTRAINED} MODEL: random weights, output is meaningless)"
+    else:
+        text += f" (checkpoint sha256 {algorithm.checkpoint_sha256})"
+    return text + "."
+
+
+def with_disclaimer(text: str, options: OutputOptions) -> str:
+    return f"{DISCLAIMER}. {text}" if options.diagnostic_disclaimer else text
+
+
+def area_text(prediction: PredictionLike) -> str:
+    """'12,345 px (45.6 cm2)'; the physical area only when it is known and plausible."""
+    text = f"{int(prediction.area_px):,} px"
+    area_mm2 = prediction.area_mm2
+    # a zero spacing in the header gives 0 mm2 for a non-empty mask: not a known area
+    if area_mm2 is not None and np.isfinite(area_mm2) and (area_mm2 > 0 or prediction.area_px == 0):
+        if area_mm2 >= 100.0:
+            text += f" ({area_mm2 / 100.0:.1f} cm2)"
+        else:
+            text += f" ({area_mm2:.0f} mm2)"
+    return text
+
+
+def finding_sentence(prediction: PredictionLike) -> str:
+    if prediction.positive:
+        return (
+            f"{FINDING_POSITIVE}: max probability {float(prediction.score):.2f}, "
+            f"area {area_text(prediction)}, {int(prediction.n_components)} region(s)."
+        )
+    return f"{FINDING_NEGATIVE}: max probability {float(prediction.score):.2f}."

@@ -1,0 +1,120 @@
+"""Secondary-capture overlay: the picture from `render` as an RGB SC in the source's study."""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.outputs._common import (
+    MODEL_NAME,
+    PredictionLike,
+    algorithm_sentence,
+    check_mask,
+    check_source,
+    check_uid,
+    finding_sentence,
+    series_description,
+    software_versions,
+    with_disclaimer,
+)
+from node.outputs.options import AlgorithmInfo, OutputOptions
+from node.outputs.render import render_overlay
+from node.outputs.sanitize import sanitize_source
+
+__all__ = ["build_overlay"]
+
+_BIPED_DIRECTION = re.compile(r"^[APRLHF]{1,3}$")
+# DCM 121322 "Source image for image processing operation"
+_SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+
+
+def build_overlay(
+    source: pydicom.Dataset,
+    display: np.ndarray,
+    prediction: PredictionLike,
+    *,
+    algorithm: AlgorithmInfo,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    options: OutputOptions,
+) -> tuple[hd.sc.SCImage, np.ndarray]:
+    """The SC dataset and its RGB pixels (also what `write_png` writes for the demo)."""
+    shape = check_source(source)
+    if not isinstance(display, np.ndarray) or display.shape != shape:
+        raise ValueError(f"display must be an array of the source image's shape {shape}.")
+    check_mask(prediction.mask, shape)
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError("algorithm must be an AlgorithmInfo.")
+
+    rgb = render_overlay(display, prediction, algorithm=algorithm, options=options)
+    header = sanitize_source(source)
+    now = datetime.datetime.now()
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_instance_uid,
+        series_number=options.sc_series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=options.manufacturer,
+        pixel_spacing=_pixel_spacing(header),
+        # placeholder for highdicom's check; replaced by the source's own value below
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=software_versions(algorithm),
+        series_description=series_description("OVERLAY", algorithm, options),
+        series_date=now.date(),
+        series_time=now.time(),
+        institution_name=options.institution_name,
+    )
+    # the overlay shares the source's pixel grid, hence its orientation; unknown stays empty
+    sc.PatientOrientation = _patient_orientation(header)
+    if header.get("BodyPartExamined"):
+        # tells validators the body part is unpaired, so no Laterality is due
+        sc.BodyPartExamined = header.BodyPartExamined
+    else:
+        sc.Laterality = ""  # Type 2C: empty means "unknown"
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = "Pneumothorax segmentation overlay"
+    sc.SourceImageSequence = [_source_reference(header)]
+    sc.ImageComments = with_disclaimer(
+        f"{finding_sentence(prediction)} {algorithm_sentence(algorithm)}", options
+    )
+    return sc, rgb
+
+
+def _pixel_spacing(header: pydicom.Dataset) -> tuple[float, float] | None:
+    # only PixelSpacing is in the patient plane; sanitize_source dropped zero spacings
+    spacing = header.get("PixelSpacing")
+    if spacing is None or len(spacing) != 2:
+        return None
+    return float(spacing[0]), float(spacing[1])
+
+
+def _patient_orientation(header: pydicom.Dataset) -> list[str] | str:
+    values = header.get("PatientOrientation")
+    if values is None or isinstance(values, str) or len(values) != 2:
+        return ""
+    if all(_BIPED_DIRECTION.match(str(value)) for value in values):
+        return [str(value) for value in values]
+    return ""
+
+
+def _source_reference(header: pydicom.Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
+    return item

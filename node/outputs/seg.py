@@ -1,0 +1,147 @@
+"""DICOM Segmentation of the pneumothorax mask, at the source image's full resolution."""
+
+from __future__ import annotations
+
+import datetime
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.outputs._common import (
+    MODEL_NAME,
+    algorithm_sentence,
+    check_mask,
+    check_source,
+    check_uid,
+    device_serial_number,
+    series_description,
+    software_versions,
+    with_disclaimer,
+)
+from node.outputs.options import AlgorithmInfo, OutputOptions
+from node.outputs.sanitize import sanitize_source
+
+__all__ = ["SEGMENT_LABEL", "build_seg", "algorithm_identification"]
+
+SEGMENT_LABEL = "Pneumothorax"
+_CONTENT_LABEL = "PNEUMOTHORAX"
+# the orientation OHIF needs to place a SEG of a projection radiograph (DESIGN.md)
+_IDENTITY_ORIENTATION = ["1", "0", "0", "0", "1", "0"]
+_ORIGIN = ["0", "0", "0"]
+_NOMINAL_SLICE_THICKNESS = "1"
+
+
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
+    """Name, family (Artificial Intelligence), version with checkpoint hash; full hash as a parameter."""
+    if algorithm.untrained:
+        version = f"{algorithm.version} UNTRAINED"
+        parameters = {"checkpoint": "none (untrained, random weights)"}
+    else:
+        version = f"{algorithm.version} sha256:{algorithm.short_hash}"
+        parameters = {"checkpoint_sha256": str(algorithm.checkpoint_sha256)}
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=version[:64],
+        parameters=parameters,
+    )
+
+
+def build_seg(
+    source: pydicom.Dataset,
+    mask: np.ndarray,
+    *,
+    algorithm: AlgorithmInfo,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    options: OutputOptions,
+) -> hd.seg.Segmentation:
+    """A BINARY SEG with one segment "Pneumothorax" (SNOMED CT 36118008) in the source's study.
+
+    The frame is written even when `mask` is empty; it references the source image in
+    ReferencedSeriesSequence and per frame (DerivationImageSequence), as OHIF needs.
+    """
+    shape = check_source(source)
+    mask = check_mask(mask, shape)
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError("algorithm must be an AlgorithmInfo.")
+
+    header = sanitize_source(source)
+    projection = not _has_patient_geometry(header)
+    if projection and "FrameOfReferenceUID" in header:
+        # a frame of reference without orientation/position cannot place the frame
+        del header.FrameOfReferenceUID
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=codes.cid7150.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Pneumothorax,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(algorithm),
+        anatomic_regions=[codes.SCT.Chest],
+        display_color=hd.color.CIELabColor.from_rgb(*options.outline_color),
+    )
+    now = datetime.datetime.now()
+    seg = hd.seg.Segmentation(
+        source_images=[header],
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=series_instance_uid,
+        series_number=options.seg_series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=options.manufacturer,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=software_versions(algorithm),
+        device_serial_number=device_serial_number(),
+        content_label=_CONTENT_LABEL,
+        content_description=with_disclaimer("Pneumothorax segmentation", options)[:64],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=False,  # an omitted empty frame has shifted overlays in viewers
+        series_description=series_description("SEG", algorithm, options),
+        series_date=now.date(),
+        series_time=now.time(),
+        institution_name=options.institution_name,
+    )
+    if projection:
+        _add_projection_geometry(seg)
+    if header.get("BodyPartExamined"):
+        seg.BodyPartExamined = header.BodyPartExamined
+    seg.ImageComments = with_disclaimer(algorithm_sentence(algorithm), options)
+    return seg
+
+
+def _has_patient_geometry(header: pydicom.Dataset) -> bool:
+    return all(
+        keyword in header
+        for keyword in ("FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient")
+    )
+
+
+def _add_projection_geometry(seg: hd.seg.Segmentation) -> None:
+    """PlaneOrientation (shared) and PlanePosition (per frame) for a radiograph without them.
+
+    OHIF 3 never loads a SEG of a projection image without these (DESIGN.md); no frame
+    of reference is added, so dciodvfy does not ask for a slice thickness.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION
+    shared.PlaneOrientationSequence = [orientation]
+    for measures in shared.get("PixelMeasuresSequence", []):
+        if "SliceThickness" not in measures:
+            # highdicom's reader rejects PixelMeasures without it (the standard needs it only
+            # with a frame of reference); a projection has no slice, so a nominal value
+            measures.SliceThickness = _NOMINAL_SLICE_THICKNESS
+    for frame_item in seg.PerFrameFunctionalGroupsSequence:
+        position = Dataset()
+        position.ImagePositionPatient = _ORIGIN
+        frame_item.PlanePositionSequence = [position]

@@ -1,0 +1,124 @@
+"""Helpers for tests/test_outputs.py: a synthetic CR with bad header values, masks, dciodvfy."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from tests.services import require_tool
+
+SYNTHETIC_SHAPE = (512, 512)
+
+
+def _raw(tag: int, vr: str, text: str) -> RawDataElement:
+    """An element as a file from a broken archive would hold it (pydicom refuses to build some)."""
+    value = text.encode("latin-1")
+    if len(value) % 2:
+        value += b" "
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+def synthetic_cr(path: Path) -> Path:
+    """A 512x512 12-bit CR chest phantom whose header carries the invalid values real archives hold.
+
+    PatientAge "29" (SIIM-ACR), dashed StudyDate, colon StudyTime, lower-case sex, a
+    65-character institution, comma decimal weight, zero pixel spacing, a private tag.
+    """
+    rows, columns = SYNTHETIC_SHAPE
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    image = np.full(SYNTHETIC_SHAPE, 2600, dtype=np.float32)  # soft tissue
+    for cx in (0.32, 0.68):  # two dark lungs
+        lung = ((xx - cx * columns) / (0.15 * columns)) ** 2 + ((yy - 0.45 * rows) / (0.3 * rows)) ** 2 < 1
+        image[lung] = 900
+    image[:, int(0.47 * columns) : int(0.53 * columns)] = 3600  # spine
+    image += np.random.default_rng(0).normal(0, 40, SYNTHETIC_SHAPE)
+    pixels = np.clip(image, 0, 4095).astype(np.uint16)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.PatientName = "Phantom^Synthetic"
+    ds.PatientID = "SYN-0001"
+    ds.PatientBirthDate = "19970101"
+    ds.AccessionNumber = "A1"
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    bad = {
+        0x00101010: ("AS", "29"),  # PatientAge
+        0x00080020: ("DA", "2004-08-26"),  # StudyDate
+        0x00080030: ("TM", "18:50:59"),  # StudyTime
+        0x00100040: ("CS", "m"),  # PatientSex
+        0x00080080: ("LO", "Institute of Thoracic Radiology and Pleural Diseases, North Wing 7"),
+        0x00101030: ("DS", "72,5"),  # PatientWeight with a decimal comma
+        0x00101020: ("DS", "1.7500000000000001"),  # PatientSize: 18 characters
+        0x00280030: ("DS", "0\\0"),  # PixelSpacing
+        0x00091001: ("LO", "vendor secret"),  # private, no creator
+    }
+    for tag, (vr, text) in bad.items():
+        ds[tag] = _raw(tag, vr, text)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ellipse_mask(shape: tuple[int, int], *, center=(0.3, 0.32), axes=(0.09, 0.2), angle=15.0) -> np.ndarray:
+    """A hand-drawn stand-in for a pneumothorax: a tilted ellipse in the right upper zone."""
+    rows, columns = shape
+    mask = np.zeros(shape, dtype=np.uint8)
+    cv2.ellipse(
+        mask,
+        (round(center[0] * columns), round(center[1] * rows)),
+        (round(axes[0] * columns), round(axes[1] * rows)),
+        angle, 0, 360, 1, -1,
+    )
+    return mask.astype(bool)
+
+
+def prediction_for(mask: np.ndarray, pixel_spacing_mm: tuple[float, float] | None, score: float | None = None):
+    """The model's real post-processing run on a probability map whose maximum is `score`
+    (inside `mask`; for an empty mask, one pixel below the threshold)."""
+    from model.postprocess import postprocess
+
+    if score is None:
+        score = 0.9 if mask.any() else 0.1
+
+    probability = np.where(mask, np.float32(score), np.float32(0.02))
+    if not mask.any():
+        probability[0, 0] = score  # a negative's score: below threshold, still the maximum
+    prediction = postprocess(probability, pixel_spacing_mm=pixel_spacing_mm)
+    assert np.array_equal(prediction.mask, mask)
+    return prediction
+
+
+def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
+    """(lines with "Error", full output) of dciodvfy on `path`; skips/fails when it is missing."""
+    tool = require_tool("dciodvfy")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    return [line for line in output.splitlines() if "Error" in line], output
