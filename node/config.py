@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "PTX_NODE_"
+# Names the config file itself (set by the CLI for child workers); not an override.
+CONFIG_FILE_ENV = "PTX_NODE_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
@@ -200,7 +202,7 @@ def _parse_env_value(raw: str) -> Any:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_FILE_ENV:
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         node = overrides

@@ -162,6 +162,11 @@ class LocalOrthanc:
                                                "Expand": True, "RequestedTags": ["SOPClassUID", "Modality"]})
         return found
 
+    def study_series(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """The series of a study as Orthanc holds them (MainDicomTags: Modality, SeriesDescription...)."""
+        return self.post_json("/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": study_instance_uid},
+                                              "Expand": True})
+
     def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
         return self.get(f"/instances/{orthanc_id}/simplified-tags")
 

@@ -21,7 +21,7 @@ __all__ = ["app", "configure_app", "enqueue_job", "ptx_task", "run_job"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "PTX_NODE_CONFIG"
+from node.config import CONFIG_FILE_ENV as CONFIG_ENV  # noqa: E402
 
 app = Celery("ptx_node")
 _configured_for: str | None = None
@@ -34,8 +34,12 @@ def configure_app(config: NodeConfig) -> Celery:
         return app
     transport_options: dict[str, Any] = {}
     if config.broker_url.startswith("sqla+"):
-        # The SQLAlchemy transport polls; a short interval keeps latency low.
-        transport_options["polling_interval"] = 0.2
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        # kombu hands these options to create_engine: wait on SQLite locks, don't fail.
+        transport_options["connect_args"] = {"timeout": 30}
+        # ...so the poll interval can't go there; the transport polls once a second by default.
+        kombu_sqla.Transport.polling_interval = 0.1
     elif config.broker_url.startswith(("redis://", "rediss://")):
         # Redelivery of unacked messages after a worker vanished; the sweeper is faster.
         transport_options["visibility_timeout"] = 3600
