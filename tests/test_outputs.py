@@ -156,7 +156,7 @@ def test_sanitize_source_keeps_pixels_when_asked(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- SEG + SC on real radiographs
 
 
-@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "cat", "synthetic"])
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "cat", "synthetic"])
 def test_seg_and_sc_are_valid_and_round_trip(name: str, tmp_path: Path) -> None:
     source = pydicom.dcmread(_source(name, tmp_path))
     rows, columns = int(source.Rows), int(source.Columns)
@@ -218,6 +218,9 @@ def test_seg_and_sc_are_valid_and_round_trip(name: str, tmp_path: Path) -> None:
     assert int(sc_read.Columns) == columns and int(sc_read.Rows) > rows  # banner + legend strips
     assert np.array_equal(sc_read.pixel_array, rgb)
     assert sc_read.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    lossy_source = source.get("LossyImageCompression") == "01"
+    assert (sc_read.get("LossyImageCompression") == "01") == lossy_source
+    assert (read.get("LossyImageCompression") == "01") == lossy_source
     assert DISCLAIMER in sc_read.SeriesDescription and DISCLAIMER in sc_read.ImageComments
     assert "Pneumothorax suspected" in sc_read.ImageComments
     assert _banner_rows(rgb)[:5].all()
@@ -245,6 +248,20 @@ def test_empty_mask_seg_keeps_its_frame(tmp_path: Path) -> None:
         source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[1]
     )
     assert pixels.shape == (1, 512, 512, 1) and not pixels.any()
+
+
+def test_seg_of_source_with_frame_of_reference_but_no_geometry(tmp_path: Path) -> None:
+    source = pydicom.dcmread(synthetic_cr(tmp_path / "cr.dcm"))
+    source.FrameOfReferenceUID = hd.UID()  # some DX carry one without orientation/position
+    mask = ellipse_mask((512, 512))
+    seg = build_seg(source, mask, algorithm=TRAINED, options=OutputOptions(), **_uids())
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    _assert_valid(path)
+    pixels = hd.seg.segread(path).get_pixels_by_source_instance(
+        source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[1]
+    )
+    assert np.array_equal(pixels[0, :, :, 0].astype(bool), mask)
 
 
 def test_untrained_outputs_say_so_even_without_disclaimer(tmp_path: Path) -> None:
@@ -285,6 +302,7 @@ def test_disclaimer_off_removes_banner_and_text(tmp_path: Path) -> None:
 
 def test_negative_overlay_has_no_mask_colours_and_says_so(tmp_path: Path) -> None:
     source = pydicom.dcmread(synthetic_cr(tmp_path / "cr.dcm"))
+    del source.BodyPartExamined  # allowed by the node's selection; then Laterality is "unknown"
     display, spacing = _display_and_spacing(source)
     prediction = prediction_for(np.zeros((512, 512), bool), spacing, score=0.12)
     sc, rgb = build_overlay(source, display, prediction, algorithm=TRAINED, options=OutputOptions(), **_uids())

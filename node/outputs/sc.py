@@ -86,6 +86,12 @@ def build_overlay(
         sc.BodyPartExamined = header.BodyPartExamined
     else:
         sc.Laterality = ""  # Type 2C: empty means "unknown"
+    if header.get("LossyImageCompression") == "01":
+        # pixels derived from a lossy source stay marked lossy (PS3.3 C.7.6.1.1.5)
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if header.get(keyword):
+                setattr(sc, keyword, header[keyword].value)
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = "Pneumothorax segmentation overlay"
     sc.SourceImageSequence = [_source_reference(header)]
