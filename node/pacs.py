@@ -158,9 +158,8 @@ class LocalOrthanc:
         return self.post_json(f"/modalities/{name}/store", {"Resources": instance_ids, "Synchronous": True})
 
     def study_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
-        found = self.post_json("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
-                                               "Expand": True, "RequestedTags": ["SOPClassUID", "Modality"]})
-        return found
+        return self.post_json("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
+                                              "Expand": True})
 
     def study_series(self, study_instance_uid: str) -> list[dict[str, Any]]:
         """The series of a study as Orthanc holds them (MainDicomTags: Modality, SeriesDescription...)."""

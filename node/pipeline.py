@@ -216,20 +216,9 @@ def _requeue_later(config: NodeConfig, job_id: int, delay_s: float) -> None:
     enqueue_job(config, job_id, countdown=delay_s)
 
 
-def _algorithm_info(segmenter: Any) -> Any:
-    from node.outputs import AlgorithmInfo
-
-    return AlgorithmInfo(
-        name=segmenter.name,
-        version=segmenter.version,
-        checkpoint_sha256=segmenter.checkpoint_sha256,
-        untrained=bool(segmenter.untrained),
-    )
-
-
 def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
     from model import UnsupportedImageError, source_image_from_dataset
-    from node.outputs import build_overlay, build_seg, write_png
+    from node.outputs import build_overlay, build_seg, outputs_for, write_png
 
     factory = get_sessionmaker(config.database_url)
     with factory() as session:
@@ -252,8 +241,8 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
     inference_ms = (time.perf_counter() - started) * 1000.0
 
     options = config.outputs
-    write_seg = options.write_seg and (prediction.positive or options.negative_policy == "seg_and_sc")
-    write_sc = options.write_sc and (prediction.positive or options.negative_policy != "none")
+    plan = outputs_for(prediction, options)
+    write_seg, write_sc = plan.seg, plan.sc
 
     # Fix the UIDs first: a re-run after a crash writes and sends the same instances.
     with factory() as session:
@@ -277,7 +266,9 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
 
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    algorithm = _algorithm_info(segmenter)
+    from node.outputs import AlgorithmInfo
+
+    algorithm = AlgorithmInfo.from_segmenter(segmenter)
     if write_seg and files.seg is not None:
         seg = build_seg(ds, prediction.mask, algorithm=algorithm, series_instance_uid=uids[0],
                         sop_instance_uid=uids[1], options=options)
