@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -316,7 +317,7 @@ def test_destination_down_retries_then_delivers_or_fails_with_reason(tmp_path: P
         assert "after 4 attempts" in failed.error and "orthanc" in failed.error
         orthanc.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PTX_NODE_")}
-        resend = subprocess.run(["ptx-node", "resend", str(failed.id), "--config", str(node.config_path)],
+        resend = subprocess.run([sys.executable, "-m", "node.cli", "resend", str(failed.id), "--config", str(node.config_path)],
                                 capture_output=True, text=True, timeout=60, env=env)
         assert resend.returncode == 0, resend.stderr
         jobs = node.wait_for_terminal(2, timeout=300)
