@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from model.preprocess import (
     preprocess,
     source_image_from_dataset,
 )
+from model.runtime import Runner, RuntimeName, make_runner
 
 __all__ = ["TTA_TRANSFORMS", "Segmenter", "TTATransform"]
 
@@ -54,9 +56,10 @@ class Segmenter:
     """Turns radiographs into :class:`~model.postprocess.Prediction` objects.
 
     Build with :meth:`from_checkpoint` (served models) or :meth:`untrained` (random weights,
-    for demos and tests). CPU path: inference mode, channels-last, the TTA views run as one
-    batch. GPU path: additionally bf16 autocast and optional ``torch.compile`` on fixed
-    batch shapes.
+    for demos and tests). The TTA views of a batch run as one batch. CPU path (runtime
+    "auto"): ONNX Runtime on a locally exported graph when installed (``[cpu-fast]``), else
+    PyTorch with inference mode and channels-last. GPU path: PyTorch bf16 autocast,
+    channels-last, optional ``torch.compile`` on fixed (padded) batch shapes.
     """
 
     def __init__(
@@ -68,8 +71,11 @@ class Segmenter:
         tta: bool = True,
         checkpoint_sha256: str | None = None,
         untrained: bool = False,
+        runtime: RuntimeName | str = RuntimeName.AUTO,
         compile: bool = False,
         max_batch_size: int | None = None,
+        num_threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError("Segmenter needs a torch.nn.Module network.")
@@ -79,6 +85,13 @@ class Segmenter:
             raise TypeError("Segmenter tta must be a boolean.")
         self.manifest = manifest
         self.device = _resolve_device(device)
+        try:
+            self.runtime = RuntimeName(runtime)
+        except ValueError:
+            valid = ", ".join(r.value for r in RuntimeName)
+            raise ValueError(f"runtime must be one of {valid}; got {runtime!r}.") from None
+        if self.runtime is RuntimeName.ONNXRUNTIME and self.device.type != "cpu":
+            raise ValueError("runtime 'onnxruntime' is the CPU path; use 'torch' (or 'auto') on CUDA.")
         self.checkpoint_sha256 = checkpoint_sha256
         self.untrained = bool(untrained)
         self.preprocess_config: PreprocessConfig = manifest.preprocess_config
@@ -91,15 +104,32 @@ class Segmenter:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer.")
         self.max_batch_size = max_batch_size
-        self._use_autocast = self.device.type == "cuda"
-        network = network.to(self.device).eval()
-        network = network.to(memory_format=torch.channels_last)
-        self.network = network
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = network
-        self.compiled = False
-        if compile:
-            self._forward = torch.compile(network, dynamic=False)
-            self.compiled = True
+        self.num_threads = num_threads
+        self.compile = bool(compile)
+        self._cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.network = network.eval()
+        self._runner: Runner | None = None
+
+    @property
+    def runner(self) -> Runner:
+        """The execution backend, built on first use (an ONNX export can take seconds)."""
+        if self._runner is None:
+            self._runner = make_runner(
+                self.runtime,
+                self.network,
+                self.device,
+                input_shape=(self.manifest.in_channels, self.input_size, self.input_size),
+                num_threads=self.num_threads,
+                compile=self.compile,
+                fixed_batch=self.max_batch_size * (1 + len(self.tta_transforms)),
+                cache_dir=self._cache_dir,
+            )
+        return self._runner
+
+    @property
+    def runtime_name(self) -> str:
+        """The backend in use ("onnxruntime", "torch", "torch-compile")."""
+        return self.runner.name
 
     # ------------------------------------------------------------------ constructors
 
@@ -172,25 +202,11 @@ class Segmenter:
             raise TypeError("tta must be True, False or None.")
         return tuple(TTA_TRANSFORMS[name] for name in self.tta_transforms) if use else ()
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self._use_autocast:
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                return self._forward(x).float()
-        return self._forward(x).float()
-
     def _probabilities(self, x: torch.Tensor, transforms: Sequence[TTATransform]) -> torch.Tensor:
         """(n, 1, S, S) normalized input -> (n, S, S) probability, TTA views in one batch."""
         n = x.shape[0]
         views = torch.cat([x, *(t.forward(x) for t in transforms)], dim=0)
-        batch = views.shape[0]
-        if self.compiled and self.device.type == "cuda":
-            # Fixed shapes for the compiled graph: pad up to the full batch.
-            full = self.max_batch_size * (1 + len(transforms))
-            if batch < full:
-                pad = views.new_zeros((full - batch, *views.shape[1:]))
-                views = torch.cat([views, pad], dim=0)
-        prob = torch.sigmoid(self._logits(views)[:batch, 0])
+        prob = torch.sigmoid(self.runner(views)[:, 0].to("cpu"))
         total = prob[:n].clone()
         for i, t in enumerate(transforms, start=1):
             total += t.inverse(prob[i * n:(i + 1) * n])

@@ -77,3 +77,26 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep ONNX exports made by tests out of the user's cache."""
+    before = os.environ.get("PTX_MODEL_CACHE_DIR")
+    os.environ["PTX_MODEL_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    yield
+    if before is None:
+        os.environ.pop("PTX_MODEL_CACHE_DIR", None)
+    else:
+        os.environ["PTX_MODEL_CACHE_DIR"] = before
+
+
+def require_onnxruntime() -> None:
+    """ONNX Runtime is the optional ``[cpu-fast]`` extra: skip without it, unless required."""
+    from model.runtime import onnxruntime_available
+
+    if onnxruntime_available():
+        return
+    if os.environ.get("PTX_REQUIRE_SERVICES") == "1":
+        pytest.fail("onnxruntime is not installed (extra [cpu-fast]) and PTX_REQUIRE_SERVICES=1.")
+    pytest.skip("onnxruntime is not installed (extra [cpu-fast]).")

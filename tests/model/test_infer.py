@@ -24,7 +24,9 @@ def small_segmenter() -> Segmenter:
     return Segmenter(network, manifest, tta=True)
 
 
-def test_hflip_tta_is_equivariant(small_segmenter: Segmenter) -> None:
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_hflip_tta_is_equivariant(small_segmenter: Segmenter, runtime: str) -> None:
+    small_segmenter = Segmenter(small_segmenter.network, small_segmenter.manifest, runtime=runtime)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 64, 64)).astype(np.float32)
     plain = small_segmenter.predict_probability_net(x, tta=False)[0]
@@ -91,3 +93,30 @@ def test_untrained_unetplusplus_b4(cat) -> None:
     pred = seg.predict(cat)
     assert pred.probability.shape == (2614, 3072)
     assert pred.area_mm2 is not None
+
+
+def test_onnxruntime_matches_torch_within_tolerance(small_segmenter: Segmenter, tmp_path) -> None:
+    from model.runtime import CPU_RUNTIME_PROB_TOLERANCE
+
+    from .conftest import require_onnxruntime
+
+    require_onnxruntime()
+    kwargs = dict(tta=True, cache_dir=tmp_path)
+    ort_seg = Segmenter(small_segmenter.network, small_segmenter.manifest, runtime="onnxruntime", **kwargs)
+    torch_seg = Segmenter(small_segmenter.network, small_segmenter.manifest, runtime="torch", **kwargs)
+    assert ort_seg.runtime_name == "onnxruntime" and torch_seg.runtime_name == "torch"
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 64, 64)).astype(np.float32)
+    a = ort_seg.predict_probability_net(x)
+    b = torch_seg.predict_probability_net(x)
+    assert np.abs(a - b).max() < CPU_RUNTIME_PROB_TOLERANCE
+    # The export is cached by weights and shape: a second segmenter reuses the file.
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    again = Segmenter(small_segmenter.network, small_segmenter.manifest, runtime="onnxruntime", **kwargs)
+    np.testing.assert_array_equal(again.predict_probability_net(x), a)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+
+
+def test_runtime_validation(small_segmenter: Segmenter) -> None:
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, onnxruntime"):
+        Segmenter(small_segmenter.network, small_segmenter.manifest, runtime="tensorrt")
