@@ -1,0 +1,330 @@
+"""The node's pieces on their own: config, selection, intake, sweeper, CLI.
+
+They use a real SQLite database migrated with Alembic, real files, real datasets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from node.config import ConfigError, NodeConfig, load_config
+from node.db import Job, JobStatus, get_sessionmaker, migrate, utcnow
+from node.intake import IntakeOutcome, accept_instance, selection_reason, spool_filename
+from node.status import StoreStatus, describe_status, is_success
+from node.sweeper import jobs_to_requeue
+from tests.services import pydicom_file
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_embedded_mode() -> None:
+    config = load_config(None, environ={})
+    assert config.database_url.startswith("sqlite:///")
+    assert config.broker_url.startswith("sqla+sqlite:///")
+    assert config.embedded_broker
+    assert config.outputs.diagnostic_disclaimer is True
+    assert config.model.checkpoint is None and config.model.allow_untrained is False
+
+
+def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[scp]\nae_title = "X"\nprot = 104\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "scp.prot" in str(err.value)
+    assert "Extra inputs are not permitted" in str(err.value)
+
+
+def test_env_overrides_file_and_paths_resolve_relative_to_file(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('spool_dir = "spool"\ndatabase_url = "sqlite:///jobs.sqlite"\n[scp]\nport = 104\n')
+    config = load_config(path, environ={"PTX_NODE_SCP__PORT": "11113", "PTX_NODE_MODEL__TTA": "false",
+                                        "PTX_NODE_CONFIG": str(path)})
+    assert config.scp.port == 11113
+    assert config.model.tta is False
+    assert config.spool_dir == tmp_path / "spool"
+    assert config.database_url == f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[scp]\nae_title = "THIS-TITLE-IS-TOO-LONG"\n', "AE title"),
+        ('[[destinations]]\nname = "pacs"\nhost = "x"\n', "needs ae_title, port"),
+        ('[[destinations]]\nname = "w"\nkind = "stow"\n', "needs url"),
+        ('[[destinations]]\nname = "a"\nae_title="A"\nhost="h"\nport=1\n[[destinations]]\nname = "a"\nae_title="A"\nhost="h"\nport=2\n',
+         "unique"),
+        ("[outputs]\nfill_opacity = 3\n", "fill_opacity"),
+    ],
+)
+def test_bad_values_are_rejected(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+def test_redacted_config_masks_secrets() -> None:
+    config = NodeConfig.model_validate({
+        "database_url": "postgresql+psycopg://ptx:hunter2@db/ptx",
+        "destinations": [{"name": "web", "kind": "stow", "url": "http://x", "password": "pw", "username": "u"}],
+        "http": {"token": "tok"},
+    })
+    text = json.dumps(config.redacted())
+    assert "hunter2" not in text and '"pw"' not in text and '"tok"' not in text
+
+
+def test_backoff_doubles_up_to_the_ceiling() -> None:
+    delivery = NodeConfig().delivery.model_copy(update={"backoff_initial_s": 5.0, "backoff_max_s": 30.0})
+    assert [delivery.backoff_s(n) for n in range(1, 6)] == [5.0, 10.0, 20.0, 30.0, 30.0]
+
+
+# --- status codes -----------------------------------------------------------------------------------
+
+
+def test_status_codes() -> None:
+    assert is_success(0x0000) and is_success(0xB000)
+    assert not is_success(0xA700) and not is_success(0xC210)
+    assert describe_status(0xA700) == "0xA700 (out of resources)"
+    assert describe_status(0xC123) == "0xC123 (failure)"
+    assert StoreStatus.CANNOT_DECODE == 0xC210
+
+
+# --- selection ----------------------------------------------------------------------------------------
+
+
+def _chest(**overrides: object) -> Dataset:
+    ds = Dataset()
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = 1024
+    ds.Columns = 1024
+    ds.PixelData = b"\0\0" * 4
+    for key, value in overrides.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({}, None),
+        ({"BodyPartExamined": None, "ViewPosition": None}, None),
+        ({"Modality": "DX", "ViewPosition": "AP"}, None),
+        ({"ViewPosition": "LL"}, "view position LL is not frontal"),
+        ({"Modality": "CT"}, "modality CT is not CR or DX"),
+        ({"BodyPartExamined": "HAND"}, "body part HAND is not CHEST"),
+        ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "not grayscale (RGB"),
+        ({"NumberOfFrames": 4}, "4 frames"),
+        ({"Rows": 16, "Columns": 16}, "smaller than 256"),
+        ({"Manufacturer": "ptx-node"}, "output of ptx-node"),
+    ],
+)
+def test_selection_of_frontal_chest_radiographs(overrides: dict, reason: str | None) -> None:
+    got = selection_reason(_chest(**overrides))
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got
+
+
+def test_real_inputs_are_selected_or_skipped_for_the_right_reason() -> None:
+    assert selection_reason(pydicom.dcmread(pydicom_file("RG1_UNCR.dcm"))) is None
+    assert "modality CT" in selection_reason(pydicom.dcmread(pydicom_file("CT_small.dcm")))
+    tiny_cr = pydicom.dcmread(pydicom_file("dicomdirtests/77654033/CR1/6154"))
+    assert "body part CSPINE is not CHEST" in selection_reason(tiny_cr)
+    del tiny_cr.BodyPartExamined
+    del tiny_cr.ViewPosition
+    assert "16x16 is smaller than 256 px" in selection_reason(tiny_cr)
+    assert "modality MR" in selection_reason(pydicom.dcmread(pydicom_file("MR_small.dcm")))
+
+
+def test_spool_names_never_carry_header_text() -> None:
+    assert spool_filename("1.2.3.4", "ab" * 32) == "1.2.3.4." + "ab" * 6 + ".dcm"
+    hostile = spool_filename("../../etc/passwd", "cd" * 32)
+    assert "/" not in hostile and ".." not in hostile.split(".")[0] and hostile.endswith(".dcm")
+
+
+# --- intake ----------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path) -> NodeConfig:
+    config = load_config(None, environ={}, overrides={
+        "spool_dir": str(tmp_path / "spool"),
+        "database_url": f"sqlite:///{tmp_path / 'jobs.sqlite'}",
+    })
+    migrate(config.database_url)
+    return config
+
+
+def _image_dataset(pixels: np.ndarray, **attrs: object) -> Dataset:
+    ds = _chest(**attrs)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = attrs.get("SOPInstanceUID", generate_uid())
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "SECRET-ID-123"
+    ds.PatientName = "Doe^Jane"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def _meta(ds: Dataset) -> pydicom.dataset.FileMetaDataset:
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def test_intake_spools_records_and_dedupes(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    pixels = np.arange(512 * 512, dtype=np.uint16).reshape(512, 512) % 4096
+    ds = _image_dataset(pixels)
+    first = accept_instance(ds, file_meta=_meta(ds), config=config, calling_ae="PACS", calling_host="10.0.0.1")
+    again = accept_instance(ds, file_meta=_meta(ds), config=config, calling_ae="PACS")
+    assert first.outcome == IntakeOutcome.QUEUED
+    assert again.outcome == IntakeOutcome.DUPLICATE and again.job_id == first.job_id
+
+    changed = _image_dataset(pixels[::-1].copy(), SOPInstanceUID=ds.SOPInstanceUID)
+    third = accept_instance(changed, file_meta=_meta(changed), config=config)
+    assert third.outcome == IntakeOutcome.QUEUED and third.job_id != first.job_id
+
+    with get_sessionmaker(config.database_url)() as session:
+        job = session.get(Job, first.job_id)
+        assert job.status == JobStatus.RECEIVED and job.calling_ae == "PACS"
+        spooled = pydicom.dcmread(job.spool_path)
+        assert np.array_equal(spooled.pixel_array, pixels)
+        row = json.dumps(job.summary(), default=str)
+    # Neither the patient's name nor their ID is in the job row.
+    assert "SECRET-ID-123" not in row and "Doe" not in row
+    assert job.patient_id_hash and len(job.patient_id_hash) == 16
+
+
+def test_skipped_instances_leave_a_row_with_the_reason_and_no_file(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    ds = _image_dataset(np.zeros((512, 512)), ViewPosition="LL")
+    result = accept_instance(ds, file_meta=_meta(ds), config=config)
+    assert result.outcome == IntakeOutcome.SKIPPED and "LL" in result.reason
+    with get_sessionmaker(config.database_url)() as session:
+        job = session.get(Job, result.job_id)
+        assert job.status == JobStatus.SKIPPED and "not frontal" in job.error and job.finished_at
+        assert job.spool_path is None
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
+
+
+def test_intake_refuses_a_dataset_without_uid(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    ds = _chest()
+    with pytest.raises(ValueError, match="no SOP Instance UID"):
+        accept_instance(ds, file_meta=None, config=config)
+
+
+# --- sweeper ------------------------------------------------------------------------------------------------
+
+
+def test_sweeper_finds_exactly_the_jobs_whose_message_was_lost(tmp_path: Path) -> None:
+    config = _config(tmp_path).model_copy(update={})
+    now = utcnow()
+    ago = lambda s: now - dt.timedelta(seconds=s)  # noqa: E731
+    later = lambda s: now + dt.timedelta(seconds=s)  # noqa: E731
+    rows = {
+        "never published": dict(status=JobStatus.RECEIVED, received_at=ago(30), queued_at=None),
+        "just received": dict(status=JobStatus.RECEIVED, received_at=now, queued_at=None),
+        "queued recently": dict(status=JobStatus.QUEUED, received_at=ago(30), queued_at=ago(5)),
+        "queued long ago": dict(status=JobStatus.QUEUED, received_at=ago(300), queued_at=ago(200)),
+        "running, lease valid": dict(status=JobStatus.RUNNING, queued_at=ago(50), lease_until=later(60)),
+        "running, lease expired": dict(status=JobStatus.RUNNING, queued_at=ago(50), lease_until=ago(10)),
+        "retry due": dict(status=JobStatus.SENDING, queued_at=ago(20), next_attempt_at=ago(1)),
+        "retry not due": dict(status=JobStatus.SENDING, queued_at=ago(20), next_attempt_at=later(30)),
+        "done": dict(status=JobStatus.DONE, queued_at=ago(500)),
+        "failed": dict(status=JobStatus.FAILED, queued_at=ago(500)),
+    }
+    ids = {}
+    with get_sessionmaker(config.database_url)() as session:
+        for name, values in rows.items():
+            values.setdefault("received_at", ago(60))
+            job = Job(sop_instance_uid=generate_uid(), **values)
+            session.add(job)
+            session.flush()
+            ids[job.id] = name
+        session.commit()
+    found = {ids[i] for i in jobs_to_requeue(config, now=now)}
+    assert found == {"never published", "queued long ago", "running, lease expired", "retry due"}
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PTX_NODE_")}
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=env)
+
+
+def test_cli_config_check_prints_effective_config_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[scp]\nport = 11999\n[http]\ntoken = "secret-token"\n')
+    out = _cli("config", "check", str(good), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    effective = json.loads(out.stdout)
+    assert effective["scp"]["port"] == 11999 and effective["http"]["token"] == "***"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scp]\nporte = 1\n")
+    out = _cli("config", "check", str(bad), cwd=tmp_path)
+    assert out.returncode == 2 and "scp.porte" in out.stderr
+
+
+def test_cli_serve_refuses_without_checkpoint_or_allow_untrained(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'database_url = "sqlite:///{tmp_path / "j.sqlite"}"\nspool_dir = "{tmp_path / "s"}"\n')
+    out = _cli("serve", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--allow-untrained" in out.stderr
+
+
+def test_cli_jobs_lists_filters_and_shows(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'database_url = "{config.database_url}"\nspool_dir = "{config.spool_dir}"\n')
+    with get_sessionmaker(config.database_url)() as session:
+        session.add_all([
+            Job(sop_instance_uid="1.2.3", status=JobStatus.DONE, modality="CR", positive=True, max_probability=0.91,
+                area_mm2=1234.0, received_at=utcnow(), finished_at=utcnow()),
+            Job(sop_instance_uid="1.2.4", status=JobStatus.SKIPPED, modality="CT", error="modality CT is not CR or DX"),
+        ])
+        session.commit()
+    table = _cli("jobs", "--config", str(cfg), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "DONE" in table.stdout and "PTX" in table.stdout and "0.91" in table.stdout
+    assert "modality CT is not CR or DX" in table.stdout
+    skipped = _cli("jobs", "--config", str(cfg), "--status", "skipped", "--json", cwd=tmp_path)
+    rows = json.loads(skipped.stdout)
+    assert [r["sop_instance_uid"] for r in rows] == ["1.2.4"]
+    bad = _cli("jobs", "--config", str(cfg), "--status", "WAITING", cwd=tmp_path)
+    assert bad.returncode == 2 and "valid:" in bad.stderr
+    show = _cli("jobs", "show", "1", "--config", str(cfg), cwd=tmp_path)
+    assert show.returncode == 0 and json.loads(show.stdout)["max_probability"] == 0.91
+    missing = _cli("resend", "2", "--config", str(cfg), cwd=tmp_path)
+    assert missing.returncode == 1 and "no SEG/SC" in missing.stderr
