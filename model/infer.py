@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,27 +110,38 @@ class Segmenter:
         self._cache_dir = None if cache_dir is None else Path(cache_dir)
         self.network = network.eval()
         self._runner: Runner | None = None
+        self._runner_lock = threading.Lock()
 
     @property
     def runner(self) -> Runner:
         """The execution backend, built on first use (an ONNX export can take seconds)."""
-        if self._runner is None:
-            self._runner = make_runner(
-                self.runtime,
-                self.network,
-                self.device,
-                input_shape=(self.manifest.in_channels, self.input_size, self.input_size),
-                num_threads=self.num_threads,
-                compile=self.compile,
-                fixed_batch=self.max_batch_size * (1 + len(self.tta_transforms)),
-                cache_dir=self._cache_dir,
-            )
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = self._make_runner()
         return self._runner
+
+    def _make_runner(self) -> Runner:
+        return make_runner(
+            self.runtime,
+            self.network,
+            self.device,
+            input_shape=(self.manifest.in_channels, self.input_size, self.input_size),
+            num_threads=self.num_threads,
+            compile=self.compile,
+            fixed_batch=self.max_batch_size * (1 + len(self.tta_transforms)),
+            cache_dir=self._cache_dir,
+        )
 
     @property
     def runtime_name(self) -> str:
         """The backend in use ("onnxruntime", "torch", "torch-compile")."""
         return self.runner.name
+
+    def warmup(self) -> None:
+        """Build the backend and run one forward (export, compilation) before the first job."""
+        size = self.input_size
+        batch = np.zeros((1, size, size), dtype=np.float32)
+        self.predict_probability_net(batch, tta=self.tta)
 
     # ------------------------------------------------------------------ constructors
 
@@ -206,7 +218,7 @@ class Segmenter:
         """(n, 1, S, S) normalized input -> (n, S, S) probability, TTA views in one batch."""
         n = x.shape[0]
         views = torch.cat([x, *(t.forward(x) for t in transforms)], dim=0)
-        prob = torch.sigmoid(self.runner(views)[:, 0].to("cpu"))
+        prob = torch.sigmoid(self.runner(views)[:, 0])  # stays on the device until the end
         total = prob[:n].clone()
         for i, t in enumerate(transforms, start=1):
             total += t.inverse(prob[i * n:(i + 1) * n])

@@ -79,8 +79,8 @@ class TorchRunner:
         # Compiled graphs (and CUDA graphs) want one shape: pad every call to fixed_batch.
         self.fixed_batch = fixed_batch if compile else None
         if compile:
-            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
-            self._forward = torch.compile(self.network, dynamic=False, mode=mode)
+            # Default inductor mode: max-autotune takes many minutes to compile UNet++/B4.
+            self._forward = torch.compile(self.network, dynamic=False)
         self.name = "torch-compile" if compile else "torch"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +149,7 @@ def _cached_onnx(network: nn.Module, input_shape: tuple[int, int, int], cache_di
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".onnx-")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other worker users may share the cache
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("Could not cache the ONNX export in %s: %s", cache_dir, exc)
