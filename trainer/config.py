@@ -118,6 +118,7 @@ class RuntimeOptions(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU runs fp32
     channels_last: bool = True
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # "auto": keep the whole cache on the GPU when it fits in a quarter of free memory.
     data_on_device: Literal["auto", "always", "never"] = "auto"
     num_workers: int = Field(2, ge=0)  # cache-building processes and host-side loader threads

@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "Split",
     "SplitKind",
     "build_cache",
+    "cache_from_arrays",
     "default_cache_dir",
     "discover",
     "holdout_split",
@@ -312,6 +314,14 @@ def _open_cache(directory: Path) -> CachedSet:
     )
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork (fast: no re-import of the caller's main module) unless CUDA is live in this process."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
 def build_cache(
     source: DataSource,
     cfg: PreprocessConfig,
@@ -335,9 +345,7 @@ def build_cache(
     results: list[tuple[int, bool, int, int, float]] = []
     bar = _progress(n, "cache", progress)
     if workers > 0:
-        # spawn: forking a process that may hold torch/OpenCV threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
             futures = [pool.submit(_cache_chunk, str(directory), s, i, cfg.to_dict()) for s, i in jobs]
             for future in concurrent.futures.as_completed(futures):
                 part = future.result()
@@ -365,6 +373,45 @@ def build_cache(
     partial = directory / "index.json.partial"
     partial.write_text(json.dumps(index))
     os.replace(partial, directory / "index.json")
+    return _open_cache(directory)
+
+
+def cache_from_arrays(
+    directory: str | Path,
+    images: np.ndarray,
+    masks: np.ndarray,
+    cfg: PreprocessConfig,
+    *,
+    image_ids: Sequence[str] | None = None,
+    source_shape: tuple[int, int] | None = None,
+    description: dict[str, Any] | None = None,
+) -> CachedSet:
+    """A cache from arrays already at network resolution (benchmarks, tests).
+
+    ``images`` must be preprocessed network inputs (N, S, S) with S = ``cfg.input_size``.
+    """
+    size = cfg.input_size
+    if images.ndim != 3 or images.shape[1:] != (size, size) or masks.shape != images.shape:
+        raise ValueError(
+            f"Need images and masks of shape (N, {size}, {size}), got {images.shape} and {masks.shape}."
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(images)
+    ids = list(image_ids) if image_ids is not None else [f"image{i:06d}" for i in range(n)]
+    height, width = source_shape or (size, size)
+    np.save(directory / "images.npy", images.astype(np.float16))
+    np.save(directory / "masks.npy", masks.astype(np.uint8))
+    index = {
+        "format": CACHE_FORMAT,
+        "preprocess": cfg.to_dict(),
+        "image_ids": ids,
+        "positive": [bool(m.any()) for m in masks],
+        "source_shapes": [[height, width]] * n,
+        "ref_px_per_net_px": [(_AREA_REFERENCE**2) / float(size * size)] * n,
+        "description": description or {"layout": "arrays", "n_images": n},
+    }
+    (directory / "index.json").write_text(json.dumps(index))
     return _open_cache(directory)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ __all__ = [
     "FoldResult",
     "TrainResult",
     "load_encoder_weights",
+    "measure_throughput",
     "predict_probabilities",
     "train",
 ]
@@ -115,6 +117,26 @@ def load_encoder_weights(network: nn.Module, options: NetworkOptions) -> str:
     else:
         encoder.load_state_dict(state)
     return f"file:{path.name}"
+
+
+def _freeze_unused_parameters(network: nn.Module) -> list[str]:
+    """Stop training parameters the forward pass never uses (e.g. an encoder's classifier head).
+
+    DDP requires every trainable parameter to get a gradient each step; finding them once
+    here is cheaper than ``find_unused_parameters=True`` on every step. Eval mode: the probe
+    must not move BatchNorm statistics.
+    """
+    was_training = network.training
+    network.eval()
+    probe = torch.zeros(1, 1, 64, 64)
+    network(probe).float().sum().backward()
+    unused = [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]
+    for name, parameter in network.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    network.train(was_training)
+    return unused
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -233,10 +255,10 @@ class _FoldRun:
         self,
         config: TrainConfig,
         cache: CachedSet,
-        source: DataSource,
+        source: DataSource | None,
         split: Split,
         fold: int,
-        fold_dir: Path,
+        fold_dir: Path | None,
         dist: DistContext,
         *,
         max_steps: int | None,
@@ -270,6 +292,7 @@ class _FoldRun:
         dist.barrier()
         if not dist.is_main:
             self.encoder_init = load_encoder_weights(network, config.network)
+        _freeze_unused_parameters(network)
         network = network.to(self.device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
@@ -279,11 +302,14 @@ class _FoldRun:
             model = nn.parallel.DistributedDataParallel(
                 network, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.model = torch.compile(model) if config.runtime.compile and self.device.type == "cuda" else model
+        if config.runtime.compile and self.device.type == "cuda":
+            model = torch.compile(model, mode=None if config.runtime.compile_mode == "default" else config.runtime.compile_mode)
+        self.model = model
         optim = config.optim
         optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
         extra = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = optimizer_class(network.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, **extra)
+        trainable = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = optimizer_class(trainable, lr=optim.lr, weight_decay=optim.weight_decay, **extra)
         self.global_batch = min(optim.batch_size, len(self.train_idx))
         self.global_batch -= self.global_batch % dist.world_size
         if self.global_batch < dist.world_size:
@@ -368,6 +394,25 @@ class _FoldRun:
         n = max(totals[3].item(), 1.0)
         return {"val_loss": totals[0].item() / n, "val_dice": totals[1].item() / n, "val_iou": totals[2].item() / n}
 
+    def _step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a device batch; returns the detached loss (no host sync)."""
+        images, masks = self.augment(images, masks)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.precision):
+            logits = self.model(images)
+        loss = self.criterion(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.config.optim.grad_clip_norm
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
     def _train_epoch(self, bar: Any) -> dict[str, float]:
         config, dist = self.config, self.dist
         order = epoch_order(
@@ -382,26 +427,11 @@ class _FoldRun:
         steps = 0
         window_start, window_images = time.perf_counter(), 0
         epoch_start = time.perf_counter()
-        clip = config.optim.grad_clip_norm
         for images, masks in self.source_batches.batches(batches):
-            images, masks = self.augment(images, masks)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(self.device, self.precision):
-                logits = self.model(images)
-            loss = self.criterion(logits, masks)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.network.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            loss_sum += loss.detach()
+            loss_sum += self._step(images, masks)
             steps += 1
             self.global_step += 1
-            window_images += images.shape[0] * dist.world_size
+            window_images += self.global_batch
             if steps % self.log_every == 0 or steps == len(batches):
                 mean_loss = loss_sum.item() / steps  # the only host sync in the loop
                 elapsed = time.perf_counter() - window_start
@@ -424,6 +454,7 @@ class _FoldRun:
 
     def _manifest(self, postprocess: dict[str, Any], metrics: dict[str, Any]) -> Manifest:
         config = self.config
+        assert self.source is not None, "a manifest needs the data source"
         n_train, n_val = len(self.train_idx), len(self.val_idx)
         training_data = _training_data(self.source, self.cache, self.split, self.fold, n_train, n_val)
         training_data["encoder_init"] = self.encoder_init
@@ -535,6 +566,71 @@ class _FoldRun:
         return search, validation
 
 
+# --------------------------------------------------------------------------- throughput
+
+
+def measure_throughput(
+    config: TrainConfig,
+    cache: CachedSet,
+    *,
+    device: str | None = None,
+    warmup_steps: int = 20,
+    steps: int = 50,
+) -> dict[str, Any]:
+    """End-to-end training speed of this loop (batch gather + augmentation + step).
+
+    Runs exactly the steps :func:`train` runs (same ``_FoldRun``), without validation or
+    checkpoints; the clock starts after ``warmup_steps`` (compilation, cuDNN autotuning).
+    """
+    if steps < 1 or warmup_steps < 0:
+        raise ValueError("steps must be >= 1 and warmup_steps >= 0.")
+    dist = DistContext.from_env(device)
+    split = holdout_split(cache.image_ids, cache.positive, val_fraction=config.split.val_fraction,
+                          seed=config.split.seed)
+    run = _FoldRun(config, cache, None, split, 0, None, dist, max_steps=None, resume=False,
+                   progress=False, log_every=1 << 30)
+    run._build()
+    batches: list[np.ndarray] = []
+    epoch = 0
+    while len(batches) < warmup_steps + steps:
+        order = epoch_order(run.train_idx, cache.positive[run.train_idx], epoch=epoch,
+                            total_epochs=config.optim.epochs, options=config.sampler, seed=config.seed)
+        batches += shard_batches(order, batch_size=run.global_batch, rank=dist.rank, world_size=dist.world_size)
+        epoch += 1
+    batches = batches[: warmup_steps + steps]
+
+    def synchronize() -> None:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+
+    run.network.train()
+    loss_sum = torch.zeros((), device=run.device)
+    started = time.perf_counter()
+    for index, (images, masks) in enumerate(run.source_batches.batches(batches)):
+        if index == warmup_steps:
+            synchronize()
+            started = time.perf_counter()
+        loss_sum += run._step(images, masks)
+    synchronize()
+    elapsed = time.perf_counter() - started
+    final_loss = loss_sum.item() / len(batches)
+    run.source_batches.close()
+    images_per_s = steps * run.global_batch / elapsed
+    return {
+        "images_per_s": images_per_s,
+        "step_ms": 1000 * elapsed / steps,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "global_batch": run.global_batch,
+        "world_size": dist.world_size,
+        "data_on_device": run.source_batches.on_device,
+        "precision": run.precision,
+        "compile": bool(config.runtime.compile and run.device.type == "cuda"),
+        "channels_last": run.channels_last,
+        "mean_loss": final_loss,
+    }
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -557,12 +653,14 @@ def train(
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     out_dir = Path(out_dir)
+    source = discover(data_root, labels_file=labels_file)
+    cache = None
+    # Rank 0 builds the cache before CUDA starts, so its worker processes can fork.
+    if int(os.environ.get("RANK", "0")) == 0:
+        cache = build_cache(source, config.preprocess_config, cache_dir, workers=config.runtime.num_workers,
+                            progress=progress)
     dist = DistContext.from_env(device)
     try:
-        source = discover(data_root, labels_file=labels_file)
-        cache = None
-        if dist.is_main:  # one process builds the cache, the others open it
-            cache = build_cache(source, config.preprocess_config, cache_dir, workers=config.runtime.num_workers, progress=progress)
         dist.barrier()
         if cache is None:
             cache = build_cache(source, config.preprocess_config, cache_dir, workers=0)
