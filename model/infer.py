@@ -217,6 +217,7 @@ class Segmenter:
     def _probabilities(self, x: torch.Tensor, transforms: Sequence[TTATransform]) -> torch.Tensor:
         """(n, 1, S, S) normalized input -> (n, S, S) probability, TTA views in one batch."""
         n = x.shape[0]
+        x = x.to(self.device, non_blocking=True)  # TTA views are built on the device
         views = torch.cat([x, *(t.forward(x) for t in transforms)], dim=0)
         prob = torch.sigmoid(self.runner(views)[:, 0])  # stays on the device until the end
         total = prob[:n].clone()

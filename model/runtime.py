@@ -74,6 +74,8 @@ class TorchRunner:
         self.device = device
         self.network = network.to(device).eval().to(memory_format=torch.channels_last)
         self._use_autocast = device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
         self._forward = self.network
         self.compiled = bool(compile)
         # Compiled graphs (and CUDA graphs) want one shape: pad every call to fixed_batch.

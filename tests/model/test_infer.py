@@ -120,3 +120,13 @@ def test_onnxruntime_matches_torch_within_tolerance(small_segmenter: Segmenter, 
 def test_runtime_validation(small_segmenter: Segmenter) -> None:
     with pytest.raises(ValueError, match="runtime must be one of auto, torch, onnxruntime"):
         Segmenter(small_segmenter.network, small_segmenter.manifest, runtime="tensorrt")
+
+
+def test_tta_registries_agree_and_warmup(small_segmenter: Segmenter) -> None:
+    from model.checkpoint import KNOWN_TTA
+    from model.infer import TTA_TRANSFORMS
+
+    assert set(TTA_TRANSFORMS) == set(KNOWN_TTA)
+    seg = Segmenter(small_segmenter.network, small_segmenter.manifest, tta=False, runtime="torch")
+    seg.warmup()
+    assert seg.runtime_name == "torch" and seg.tta is False

@@ -306,3 +306,49 @@ def test_config_validation_and_round_trip() -> None:
         preprocess(np.full((64, 64), 2.0, np.float32), cfg)
     with pytest.raises(TypeError, match="float32"):
         SourceImage(pixels=np.zeros((4, 4)))
+
+
+def _generated_dicom(stored: np.ndarray, bits_stored: int, *, signed: bool = False, **attrs) -> pydicom.Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[(ds.BitsAllocated, signed)]
+    ds.PixelData = stored.astype(dtype).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize("bits_stored", [8, 10, 12, 14, 16])
+def test_generated_bit_depths(bits_stored: int) -> None:
+    rng = np.random.default_rng(bits_stored)
+    top = (1 << bits_stored) - 1
+    body = cv2.GaussianBlur(rng.random((301, 257)), (0, 0), 5)
+    stored = np.rint(top * (body - body.min()) / np.ptp(body)).astype(np.int64)
+    image = source_image_from_dataset(_generated_dicom(stored, bits_stored))
+    assert image.shape == (301, 257)
+    # No window in the header: robust window, monotonic in the stored values.
+    assert np.corrcoef(image.pixels.ravel(), stored.ravel())[0, 1] > 0.97
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+
+
+def test_signed_pixels_with_rescale_and_window() -> None:
+    rng = np.random.default_rng(0)
+    stored = rng.integers(-1000, 1000, (64, 64))
+    ds = _generated_dicom(stored, 12, signed=True, RescaleSlope=2, RescaleIntercept=100,
+                          WindowCenter=100, WindowWidth=4001)
+    pixels = source_image_from_dataset(ds).pixels
+    values = stored * 2.0 + 100
+    expected = np.clip((values - 99.5) / 4000 + 0.5, 0, 1)
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
