@@ -150,7 +150,8 @@ def test_orthanc_routes_real_radiographs_and_gets_seg_and_sc_back(tmp_path: Path
 def test_storescu_sender_and_calling_ae_allow_list(tmp_path: Path, orthanc: Orthanc) -> None:
     storescu = require_tool("storescu")
     phantom = make_phantom(tmp_path / "phantom.dcm")
-    node = node_for(tmp_path, orthanc, scp={"allowed_callers": [{"ae_title": "GOODSCU"}]}).start()
+    allowed = [{"ae_title": "GOODSCU"}, {"ae_title": "PINNED", "host": "10.1.2.3"}]
+    node = node_for(tmp_path, orthanc, scp={"allowed_callers": allowed}).start()
     try:
         ok = subprocess.run([storescu, "-aet", "GOODSCU", "-aec", node.ae_title, "127.0.0.1", str(node.port),
                              str(phantom)], capture_output=True, text=True, timeout=60)
@@ -159,6 +160,10 @@ def test_storescu_sender_and_calling_ae_allow_list(tmp_path: Path, orthanc: Orth
                               str(phantom)], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0, "a caller not on the allow-list was accepted"
         assert "reject" in (bad.stdout + bad.stderr).lower()
+        # Allowed title, wrong host: aborted right after the association is accepted.
+        pinned = subprocess.run([storescu, "-aet", "PINNED", "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                                 str(phantom)], capture_output=True, text=True, timeout=60)
+        assert pinned.returncode != 0, "a pinned caller from the wrong host was accepted"
         jobs = node.wait_for_terminal(1, timeout=300)
         with node.session() as session:
             associations = list(session.scalars(select(Association).order_by(Association.id)))
@@ -167,7 +172,8 @@ def test_storescu_sender_and_calling_ae_allow_list(tmp_path: Path, orthanc: Orth
     assert [j.status for j in jobs] == [JobStatus.DONE]
     assert jobs[0].calling_ae == "GOODSCU"
     refused = [a for a in associations if not a.accepted]
-    assert refused and refused[0].calling_ae == "INTRUDER" and refused[0].reject_reason
+    assert [a.calling_ae for a in refused] == ["INTRUDER", "PINNED"]
+    assert all(a.reject_reason for a in refused) and "127.0.0.1" in refused[1].reject_reason
     assert any(a.accepted and a.calling_ae == "GOODSCU" and a.instances_accepted == 1 for a in associations)
 
 

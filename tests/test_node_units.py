@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import ConfigError, Destination, NodeConfig, load_config
 from node.db import Job, JobStatus, get_sessionmaker, migrate, utcnow
 from node.intake import IntakeOutcome, accept_instance, selection_reason, spool_filename
 from node.status import StoreStatus, describe_status, is_success
@@ -328,3 +328,58 @@ def test_cli_jobs_lists_filters_and_shows(tmp_path: Path) -> None:
     assert show.returncode == 0 and json.loads(show.stdout)["max_probability"] == 0.91
     missing = _cli("resend", "2", "--config", str(cfg), cwd=tmp_path)
     assert missing.returncode == 1 and "no SEG/SC" in missing.stderr
+
+
+# --- the task's idempotency ----------------------------------------------------------------------------------
+
+
+def test_process_job_finishes_a_half_done_job_and_leaves_a_done_job_alone(tmp_path: Path) -> None:
+    import shutil
+
+    from node.db import Delivery, DeliveryStatus
+    from node.pipeline import process_job
+    from node.receiver import FolderReceiver
+
+    receiver = FolderReceiver(tmp_path / "pacs", ae_title="PACS").start()
+    try:
+        config = _config(tmp_path)
+        config = config.model_copy(update={"destinations": [
+            Destination(
+                name="pacs", ae_title="PACS", host="127.0.0.1", port=receiver.port)
+        ]})
+        out_dir = tmp_path / "spool" / "outputs" / "1"
+        out_dir.mkdir(parents=True)
+        source = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        shutil.copyfile(pydicom_file("CT_small.dcm"), out_dir / "seg.dcm")
+        with get_sessionmaker(config.database_url)() as session:
+            # Crashed after writing its outputs, before delivering them.
+            job = Job(sop_instance_uid=generate_uid(), status=JobStatus.SENDING, output_dir=str(out_dir),
+                      seg_sop_instance_uid=str(source.SOPInstanceUID), received_at=utcnow())
+            session.add(job)
+            session.commit()
+            job_id = job.id
+        assert process_job(config, job_id=job_id) == "done"
+        assert process_job(config, job_id=job_id) == "noop"
+        assert len(receiver.received) == 1
+        with get_sessionmaker(config.database_url)() as session:
+            job = session.get(Job, job_id)
+            assert job.status == JobStatus.DONE and job.delivered_at is not None
+            (delivery,) = session.query(Delivery).filter_by(job_id=job_id).all()
+            assert delivery.status == DeliveryStatus.DELIVERED and delivery.instances_sent == 1
+    finally:
+        receiver.stop()
+
+
+def test_process_job_does_not_touch_a_job_another_worker_holds(tmp_path: Path) -> None:
+    from node.pipeline import process_job
+
+    config = _config(tmp_path)
+    with get_sessionmaker(config.database_url)() as session:
+        job = Job(sop_instance_uid=generate_uid(), status=JobStatus.RUNNING, worker="elsewhere:1",
+                  lease_until=utcnow() + dt.timedelta(seconds=60), received_at=utcnow())
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    assert process_job(config, job_id=job_id) == "noop"
+    with get_sessionmaker(config.database_url)() as session:
+        assert session.get(Job, job_id).worker == "elsewhere:1"
