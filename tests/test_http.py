@@ -278,7 +278,7 @@ def test_stow_intake_of_a_chest_radiograph(config: NodeConfig, server: HttpServe
     assert FAILED_SOP_SEQUENCE not in payload
 
     [job] = jobs_in(config)
-    assert job.status in (JobStatus.RECEIVED, JobStatus.QUEUED)  # QUEUED once the broker took it
+    assert job.status == JobStatus.QUEUED and job.queued_at is not None  # handed to the broker
     assert job.source == "stow" and job.calling_host == "127.0.0.1"
     assert job.sop_instance_uid == source.SOPInstanceUID
     assert job.spool_path and Path(job.spool_path).is_file()
@@ -373,3 +373,30 @@ def test_no_patient_name_anywhere(config: NodeConfig, server: HttpServerHandle, 
         assert "Doe" not in text and "Janet" not in text and "MRN-77-2231" not in text
     [job] = json.loads(texts[1])["jobs"]
     assert job["patient_id_hash"] and job["patient_id_hash"] != "MRN-77-2231"
+
+
+def test_metrics_and_status_page_on_postgresql(postgres_url: str, broker_url: str, tmp_path: Path) -> None:
+    """The scrape-time SQL (stage durations, bucket sums) in PostgreSQL's dialect."""
+    config = load_config(None, environ={}, overrides={
+        "database_url": postgres_url, "spool_dir": str(tmp_path / "spool"), "broker_url": broker_url,
+        "http": {"port": 0, "token": TOKEN},
+    })
+    migrate(config.database_url)
+    rows = add_jobs(config)
+    handle = start_http_server(config)
+    try:
+        text = httpx.get(handle.url + "/metrics", headers=auth()).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples[("ptx_database_up", ())] == 1
+        assert samples[("ptx_queue_depth", ())] == 2
+        assert samples[("ptx_job_stage_seconds_sum", (("stage", "total"),))] == pytest.approx(5.0)
+        assert samples[("ptx_job_stage_seconds_bucket", (("le", "5.0"), ("stage", "total")))] == 1
+        assert samples[("ptx_job_stage_seconds_count", (("stage", "process"),))] == 2
+        assert samples[("ptx_delivery_retries_total", (("destination", "pacs"),))] == 5
+        page = httpx.get(handle.url + "/", headers=auth()).text
+        assert f'id="job-{rows["failed"].id}" data-status="FAILED"' in page
+        failed = httpx.get(handle.url + "/jobs", params={"status": "FAILED", "since": "1h"}, headers=auth()).json()
+        assert [j["id"] for j in failed["jobs"]] == [rows["failed"].id]
+    finally:
+        handle.stop()
