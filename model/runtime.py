@@ -181,6 +181,9 @@ class OnnxRuntimeRunner:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # No busy-waiting threads: a node shares its cores with the SCP, Celery and the database
+        # (measured under load: 2.97 s vs 3.92 s per TTA pair at 512 with spinning on).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         self.input_shape = input_shape
 
