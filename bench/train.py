@@ -58,10 +58,10 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="default",
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     parser.add_argument("--no-eager-variant", action="store_true", help="skip our loop without torch.compile")
-    parser.add_argument("--learning-images", type=int, default=800)
+    parser.add_argument("--learning-images", type=int, default=1000)
     parser.add_argument("--learning-source-size", type=int, default=256, help="synthetic DICOM size")
     parser.add_argument("--learning-size", type=int, default=256, help="network input size of the learning run")
-    parser.add_argument("--learning-epochs", type=int, default=30)
+    parser.add_argument("--learning-epochs", type=int, default=40)
     parser.add_argument("--learning-lr", type=float, default=3e-4)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "train")
     return parser.parse_args(args)

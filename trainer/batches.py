@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -82,8 +83,10 @@ class BatchSource:
         self.options = options
         self.on_device = self._decide_on_device()
         if self.on_device:
-            self._images = torch.from_numpy(np.ascontiguousarray(cache.images)).to(device)
-            self._masks = torch.from_numpy(np.ascontiguousarray(cache.masks)).to(device)
+            with warnings.catch_warnings():  # read-only memory map: torch copies it to the GPU anyway
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._images = torch.from_numpy(cache.images).to(device)
+                self._masks = torch.from_numpy(cache.masks).to(device)
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
 
     def _decide_on_device(self) -> bool:

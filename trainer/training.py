@@ -615,6 +615,7 @@ def measure_throughput(
     elapsed = time.perf_counter() - started
     final_loss = loss_sum.item() / len(batches)
     run.source_batches.close()
+    dist.close()
     images_per_s = steps * run.global_batch / elapsed
     return {
         "images_per_s": images_per_s,
