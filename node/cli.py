@@ -291,7 +291,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
         job.lease_until = None
         job.next_attempt_at = None
         job.error = None
-        job.finished_at = None
+        job.delivered_at = None
         session.commit()
     if not enqueue_job(config, args.id):
         print("ptx-node: broker unreachable; the node's sweeper will send the job when it is back", file=sys.stderr)

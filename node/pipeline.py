@@ -206,7 +206,14 @@ def _set(config: NodeConfig, job_id: int, **values: Any) -> None:
 
 
 def _finish(config: NodeConfig, job_id: int, status: JobStatus, error: str | None) -> None:
-    _set(config, job_id, status=status, error=error, finished_at=utcnow(), lease_until=None)
+    """End the job; finished_at keeps the end of processing when there was one."""
+    factory = get_sessionmaker(config.database_url)
+    with factory() as session:
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(status=status, error=error, lease_until=None))
+        session.execute(update(Job).where(Job.id == job_id, Job.finished_at.is_(None))
+                        .values(finished_at=utcnow()))
+        session.commit()
     log.info("job %s: %s%s", job_id, status, f" ({error})" if error else "")
 
 
@@ -290,6 +297,7 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
         n_components=int(prediction.n_components),
         inference_ms=inference_ms,
         error=None,
+        finished_at=utcnow(),  # processing finished; delivered_at marks the delivery
     )
     log.info("job %s: %s (max p %.3f, %d px) in %.0f ms", job_id,
              "positive" if prediction.positive else "negative", prediction.score, prediction.area_px, inference_ms)
@@ -367,9 +375,8 @@ def _deliver(config: NodeConfig, job_id: int) -> str:
     if failures:
         _finish(config, job_id, JobStatus.FAILED, "; ".join(failures))
         return "failed"
-    now = utcnow()
-    _set(config, job_id, status=JobStatus.DONE, error=None, finished_at=now, lease_until=None,
-         delivered_at=now if config.destinations else None)
+    _set(config, job_id, status=JobStatus.DONE, error=None, lease_until=None,
+         delivered_at=utcnow() if config.destinations else None)
     log.info("job %s: DONE", job_id)
     return "done"
 

@@ -13,7 +13,9 @@ if [ "${PTX_SETUP_APT:-1}" = 1 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends \
       orthanc orthanc-dicomweb dcmtk dicom3tools redis-server \
-      chromium chromium-driver fonts-dejavu-core docker-compose >/dev/null
+      chromium chromium-driver fonts-dejavu-core docker-compose systemd >/dev/null
+  # npm fetches the OHIF viewer for the browser test; keep a Node.js that is already there.
+  command -v npm >/dev/null || $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3.11}"
@@ -25,3 +27,8 @@ fi
 echo "== pip install -e '.[test]' (torch 2.14.1 pinned)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+if [ "${PTX_SETUP_OHIF:-1}" = 1 ] && command -v npm >/dev/null; then
+  echo "== OHIF viewer (npm @ohif/app dist) for the browser test"
+  tests/browser/fetch_ohif.sh
+fi

@@ -136,6 +136,13 @@ def _add_projection_geometry(seg: hd.seg.Segmentation) -> None:
     orientation = Dataset()
     orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION
     shared.PlaneOrientationSequence = [orientation]
+    if not shared.get("PixelMeasuresSequence"):
+        # No usable spacing in the source (RG1: PixelSpacing 0\0). OHIF 3.13 fails on a SEG
+        # without PixelMeasures, so state a nominal 1 mm per pixel: the SEG shares the
+        # source's grid, and the source itself carries no spacing to measure with.
+        measures = Dataset()
+        measures.PixelSpacing = [1.0, 1.0]
+        shared.PixelMeasuresSequence = [measures]
     for measures in shared.get("PixelMeasuresSequence", []):
         if "SliceThickness" not in measures:
             # highdicom's reader rejects PixelMeasures without it (the standard needs it only
