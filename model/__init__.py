@@ -38,33 +38,26 @@ _LOCATIONS = {
     "Manifest": "model.checkpoint",
     "load_checkpoint": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
-    "PostprocessConfig": "model.postprocess",
-    "Prediction": "model.postprocess",
-    "postprocess": "model.postprocess",
-    "GeometricTransform": "model.preprocess",
-    "PreprocessConfig": "model.preprocess",
-    "SourceImage": "model.preprocess",
-    "UnsupportedImageError": "model.preprocess",
-    "preprocess": "model.preprocess",
-    "source_image_from_dataset": "model.preprocess",
-    "source_image_from_png": "model.preprocess",
     "Segmenter": "model.infer",
 }
+
+# Bound eagerly (torch-free): the functions `preprocess`/`postprocess` share their names with
+# their submodules, and importing a submodule would otherwise leave the module bound here.
+from model.postprocess import PostprocessConfig, Prediction, postprocess  # noqa: E402
+from model.preprocess import (  # noqa: E402
+    GeometricTransform,
+    PreprocessConfig,
+    SourceImage,
+    UnsupportedImageError,
+    preprocess,
+    source_image_from_dataset,
+    source_image_from_png,
+)
 
 if TYPE_CHECKING:
     from model.checkpoint import CheckpointError, Manifest, load_checkpoint, save_checkpoint
     from model.infer import Segmenter
     from model.network import ARCHITECTURES, ENCODERS, build_network
-    from model.postprocess import PostprocessConfig, Prediction, postprocess
-    from model.preprocess import (
-        GeometricTransform,
-        PreprocessConfig,
-        SourceImage,
-        UnsupportedImageError,
-        preprocess,
-        source_image_from_dataset,
-        source_image_from_png,
-    )
 
 
 def __getattr__(name: str) -> Any:

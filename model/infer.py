@@ -61,6 +61,12 @@ class Segmenter:
     "auto"): ONNX Runtime on a locally exported graph when installed (``[cpu-fast]``), else
     PyTorch with inference mode and channels-last. GPU path: PyTorch bf16 autocast,
     channels-last, optional ``torch.compile`` on fixed (padded) batch shapes.
+
+    The Segmenter owns ``network``: it is put in eval mode and may be moved to the device or
+    to channels-last. The ONNX export is cached per weights (``PTX_MODEL_CACHE_DIR``, default
+    ``~/.cache/ptx-node/onnx``); evaluating a network that changes every epoch is cheaper with
+    ``runtime="torch"``. Call :meth:`warmup` at worker start so the first job does not pay the
+    export (seconds to tens of seconds on two cores).
     """
 
     def __init__(
