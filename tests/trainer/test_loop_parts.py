@@ -74,3 +74,34 @@ def test_shard_batches_split_a_global_batch_across_ranks() -> None:
     assert [b.tolist() for b in rank1] == [[1, 3], [5, 7]]
     with pytest.raises(ValueError, match="not divisible"):
         shard_batches(order, batch_size=3, rank=0, world_size=2)
+
+
+def test_cosine_schedule_runs_from_lr_to_min_lr() -> None:
+    from trainer.training import _lr_lambda
+
+    schedule = _lr_lambda(total_steps=100, warmup=0, floor=0.01)
+    assert schedule(0) == pytest.approx(1.0)
+    assert schedule(50) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert schedule(100) == pytest.approx(0.01)
+    warm = _lr_lambda(total_steps=100, warmup=10, floor=0.0)
+    assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0)
+
+
+def test_early_stopping_direction_per_monitor() -> None:
+    from trainer.config import Monitor
+    from trainer.training import _is_better
+
+    assert _is_better(0.5, None, Monitor.DICE, 0.0)
+    assert _is_better(0.6, 0.5, Monitor.IOU, 0.0) and not _is_better(0.55, 0.5, Monitor.DICE, 0.1)
+    assert _is_better(0.3, 0.5, Monitor.LOSS, 0.0) and not _is_better(0.6, 0.5, Monitor.LOSS, 0.0)
+
+
+def test_unused_encoder_head_is_frozen() -> None:
+    from model.network import build_network
+    from trainer.training import _freeze_unused_parameters
+
+    network = build_network("unetplusplus", "efficientnet-b4")
+    unused = _freeze_unused_parameters(network)
+    assert unused and all(name.startswith("encoder._conv_head") or name.startswith("encoder._bn1") for name in unused)
+    assert all(p.grad is None for p in network.parameters())
+    assert not any(p.requires_grad for n, p in network.named_parameters() if n in unused)
