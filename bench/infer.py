@@ -138,6 +138,8 @@ def bench_cpu(opts: argparse.Namespace) -> dict[str, Any]:
         print(f"[cpu] {name}: runner ready in {setup_s:.1f} s", flush=True)
 
     reference = plain_tta()
+    if not np.isfinite(reference).all():
+        raise RuntimeError("plain smp produced non-finite probabilities")
     for fn in variants.values():
         for _ in range(opts.warmup):
             fn()
@@ -149,6 +151,8 @@ def bench_cpu(opts: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             out = fn()
             times[name].append(time.perf_counter() - started)
+            if not np.isfinite(out).all():
+                raise RuntimeError(f"{name} produced non-finite probabilities")
             max_diff[name] = max(max_diff[name], float(np.abs(out - reference).max()))
         print(f"[cpu] round {round_index + 1}/{opts.rounds}: "
               + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
