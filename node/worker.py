@@ -55,7 +55,11 @@ def _on_process_init(**_: Any) -> None:
 
     if config.model.device != "cuda":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    get_segmenter(config)  # load the model before the first job, not during it
+    try:
+        get_segmenter(config)  # load the model before the first job, not during it
+    except Exception:
+        # Jobs will fail with the reason recorded on their rows; the worker stays up.
+        log.exception("could not load the model")
     threading.Thread(target=_heartbeat, args=(config,), name="heartbeat", daemon=True).start()
 
 
