@@ -64,7 +64,7 @@ def cr_16x16(cr_16x16_path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(cr_16x16_path)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op thread: on a shared 2-core runner, 2 spinning OpenMP threads compete
     with other processes and small forwards slow down a hundredfold."""
@@ -79,7 +79,7 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def _onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep ONNX exports made by tests out of the user's cache."""
     before = os.environ.get("PTX_MODEL_CACHE_DIR")
