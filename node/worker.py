@@ -56,7 +56,8 @@ def _on_process_init(**_: Any) -> None:
     if config.model.device != "cuda":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        get_segmenter(config)  # load the model before the first job, not during it
+        # Load (and on the CPU, export to ONNX once) before the first job, not during it.
+        get_segmenter(config).warmup()
     except Exception:
         # Jobs will fail with the reason recorded on their rows; the worker stays up.
         log.exception("could not load the model")
