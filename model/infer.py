@@ -58,7 +58,7 @@ class Segmenter:
 
     Build with :meth:`from_checkpoint` (served models) or :meth:`untrained` (random weights,
     for demos and tests). The TTA views of a batch run as one batch. CPU path (runtime
-    "auto"): ONNX Runtime on a locally exported graph when installed (``[cpu-fast]``), else
+    "auto"): ONNX Runtime on a locally exported graph when installed, else
     PyTorch with inference mode and channels-last. GPU path: PyTorch bf16 autocast,
     channels-last, optional ``torch.compile`` on fixed (padded) batch shapes.
 

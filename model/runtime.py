@@ -2,8 +2,8 @@
 
 - ``TorchRunner``: PyTorch, channels-last, inference mode; on CUDA bf16 autocast and an
   optional ``torch.compile`` on fixed batch shapes.
-- ``OnnxRuntimeRunner``: the CPU default when ``onnxruntime`` is installed (extra
-  ``[cpu-fast]``); the network is exported locally once per (weights, input size) and
+- ``OnnxRuntimeRunner``: the CPU default (``onnxruntime`` is a dependency; without it
+  PyTorch serves); the network is exported locally once per (weights, input size) and
   cached on disk. Measured in bench/RESULTS.md; outputs match PyTorch fp32 within 1e-4.
 """
 

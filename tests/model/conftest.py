@@ -92,11 +92,11 @@ def _onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 def require_onnxruntime() -> None:
-    """ONNX Runtime is the optional ``[cpu-fast]`` extra: skip without it, unless required."""
+    """ONNX Runtime is a dependency: skip without it, unless required."""
     from model.runtime import onnxruntime_available
 
     if onnxruntime_available():
         return
     if os.environ.get("PTX_REQUIRE_SERVICES") == "1":
-        pytest.fail("onnxruntime is not installed (extra [cpu-fast]) and PTX_REQUIRE_SERVICES=1.")
-    pytest.skip("onnxruntime is not installed (extra [cpu-fast]).")
+        pytest.fail("onnxruntime is not installed and PTX_REQUIRE_SERVICES=1.")
+    pytest.skip("onnxruntime is not installed.")
