@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, NodeConfig, load_config
+from node.proc import die_with_parent
 
 __all__ = ["main"]
 
@@ -71,7 +72,7 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "node.cli", "worker"]
-        proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+        proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True, preexec_fn=die_with_parent)
         log.info("started embedded worker pid %d", proc.pid)
         return proc
 

@@ -23,6 +23,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from node.pacs import LocalOrthanc, free_port, wait_until
+from node.proc import die_with_parent
 from node.receiver import FolderReceiver
 
 __all__ = ["run_demo"]
@@ -102,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with open(log_path, "w") as log:
         node = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
     try:
         wait_until(lambda: "ptx-node ready" in log_path.read_text() or node.poll() is not None, 180,

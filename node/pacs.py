@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from node.proc import die_with_parent
+
 __all__ = ["LocalOrthanc", "free_port", "wait_until"]
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -98,7 +100,8 @@ class LocalOrthanc:
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(config, indent=2))
         self.log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([binary, str(cfg_path)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([binary, str(cfg_path)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)
         wait_until(self._alive, 30, what="Orthanc to answer /system")
         return self
 

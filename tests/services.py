@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from node.pacs import LocalOrthanc, free_port, wait_until
+from node.proc import die_with_parent
 
 REQUIRE_SERVICES = os.environ.get("PTX_REQUIRE_SERVICES", "") not in ("", "0", "false")
 
@@ -125,6 +126,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         wait_until(self._ready, timeout, what="ptx-node to be ready")
         return self
