@@ -19,8 +19,13 @@ Three measurements in one run, all on this machine's CPU:
    started, delivered, inference_ms) and the node's log give the same split from the node.
 3. Intake. The node's SCP (fsync + job row commit; ``embedded_workers = 0``, model not
    loaded) vs a bare pynetdicom store SCP (``node.receiver.FolderReceiver``) on the same
-   files, sent by dcmtk ``storescu`` in one association. Median of ``--repeats`` rounds,
-   the two receivers alternating first.
+   files, sent by dcmtk ``storescu`` in one association; plus the bare SCP with an fsync of
+   each file and its directory (what durability alone costs). Two sets: 200 small phantoms
+   + 4 RG1_UNCR ("mixed"), and 20 RG1_UNCR copies ("large", radiograph-sized). Median of
+   ``--repeats`` rounds, the receivers taking turns going first.
+
+``--profile`` adds untimed passes: py-spy (if installed) on the worker and on the SCP, and
+the node's StoreSCP in-process with and without its Enqueuer thread.
 
     python bench/e2e.py                          # defaults: N=20, 512 px, untrained UNet++/B4
     python bench/e2e.py --checkpoint ckpt/ --out bench/out/e2e.json
@@ -672,29 +677,59 @@ def storescu(folder: Path, port: int, called_ae: str) -> float:
     return elapsed
 
 
-def intake_node_round(work: Path, folder: Path, expected: int, input_size: int) -> float:
+def intake_node_round(work: Path, folder: Path, warmup: Path, expected: int, input_size: int) -> float:
     config = node_config(work, workers=0, orthanc=None, input_size=input_size, checkpoint=None)
     node = NodeServer(work, config).start()
     try:
+        storescu(warmup, node.port, node.ae_title)  # untimed: first-call imports, broker tables
         elapsed = storescu(folder, node.port, node.ae_title)
         jobs = node.jobs_by_sop()
     finally:
         node.stop()
-    if len(jobs) != expected:
-        raise RuntimeError(f"node recorded {len(jobs)} jobs, expected {expected}")
+    if len(jobs) != expected + 1:
+        raise RuntimeError(f"node recorded {len(jobs)} jobs, expected {expected} + 1 warm-up")
     return elapsed
 
 
-def intake_bare_round(work: Path, folder: Path, expected: int) -> float:
+def durable_store(receiver: Any, event: Any) -> int:
+    """FolderReceiver's store handler plus what durability costs and nothing else: fsync the file
+    and its directory before answering (no database, no selection, no hashing)."""
+    from node.status import StoreStatus
+
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+    except Exception:
+        return StoreStatus.CANNOT_DECODE
+    path = receiver.folder / f"{ds.SOPInstanceUID}.dcm"
+    with open(path, "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    dir_fd = os.open(receiver.folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    with receiver._lock:
+        receiver.received.append(path)
+    return StoreStatus.SUCCESS
+
+
+def intake_bare_round(work: Path, folder: Path, warmup: Path, expected: int, *, durable: bool = False) -> float:
     from node.receiver import FolderReceiver
 
-    receiver = FolderReceiver(work / "received", ae_title="BARESCP").start()
+    receiver = FolderReceiver(work / "received", ae_title="BARESCP")
+    if durable:
+        receiver._store = lambda event: durable_store(receiver, event)  # type: ignore[method-assign]
+    receiver.start()
     try:
+        storescu(warmup, receiver.port, receiver.ae_title)  # untimed, as for the node
         elapsed = storescu(folder, receiver.port, receiver.ae_title)
     finally:
         receiver.stop()
-    if len(receiver.received) != expected:
-        raise RuntimeError(f"bare SCP stored {len(receiver.received)} files, expected {expected}")
+    if len(receiver.received) != expected + 1:
+        raise RuntimeError(f"bare SCP stored {len(receiver.received)} files, expected {expected} + 1 warm-up")
     return elapsed
 
 
@@ -719,31 +754,35 @@ def run_intake(args: argparse.Namespace, work: Path, rg1: Path) -> dict[str, Any
 def run_intake_set(args: argparse.Namespace, work: Path, spec: IntakeSet, rg1: Path) -> dict[str, Any]:
     folder = work / "files"
     count, nbytes = intake_inputs(folder, spec.phantoms, spec.phantom_size, spec.rg1_copies, rg1)
+    # One instance sent before the timed set, to every receiver, in every round.
+    warmup = copy_with_new_uids(rg1, work / "warmup" / "rg1-warmup.dcm", "RG1_UNCR").path.parent
     print(f"  set {spec.name!r}: {spec.phantoms} phantoms ({spec.phantom_size} px) + {spec.rg1_copies} RG1_UNCR = "
           f"{count} instances, {nbytes / 1e6:.0f} MB", flush=True)
     subprocess.run(["sync"], check=False)
     rounds: list[dict[str, float]] = []
     for r in range(args.repeats):
-        order = ("node", "bare") if r % 2 == 0 else ("bare", "node")
+        receivers = ("node", "bare", "bare_fsync")
+        order = receivers[r % 3:] + receivers[:r % 3]  # rotate who goes first
         times: dict[str, float] = {}
         for which in order:
             round_dir = work / f"{which}-{r}"
             if which == "node":
-                times[which] = intake_node_round(round_dir, folder, count, args.input_size)
+                times[which] = intake_node_round(round_dir, folder, warmup, count, args.input_size)
             else:
-                times[which] = intake_bare_round(round_dir, folder, count)
+                times[which] = intake_bare_round(round_dir, folder, warmup, count, durable=which == "bare_fsync")
             shutil.rmtree(round_dir, ignore_errors=True)
             subprocess.run(["sync"], check=False)
         rounds.append(times)
         print(f"    round {r + 1}/{args.repeats}: node {count / times['node']:.1f} inst/s, "
-              f"bare {count / times['bare']:.1f} inst/s", flush=True)
+              f"bare {count / times['bare']:.1f} inst/s, bare+fsync {count / times['bare_fsync']:.1f} inst/s",
+              flush=True)
 
     def summary(which: str) -> dict[str, Any]:
         wall = [rd[which] for rd in rounds]
         med = statistics.median(wall)
         return {"wall_s": wall, "median_wall_s": med, "instances_per_s": count / med, "mb_per_s": nbytes / 1e6 / med}
 
-    node, bare = summary("node"), summary("bare")
+    node, bare, bare_fsync = summary("node"), summary("bare"), summary("bare_fsync")
     result: dict[str, Any] = {
         "instances": count,
         "bytes": nbytes,
@@ -753,11 +792,14 @@ def run_intake_set(args: argparse.Namespace, work: Path, spec: IntakeSet, rg1: P
         "repeats": args.repeats,
         "node": node,
         "bare": bare,
+        "bare_fsync": bare_fsync,
         "ratio": node["instances_per_s"] / bare["instances_per_s"],
+        # Against a receiver that is as durable as the node (fsync file + directory) but does nothing else.
+        "ratio_vs_bare_fsync": node["instances_per_s"] / bare_fsync["instances_per_s"],
         "ratio_per_round": [rd["bare"] / rd["node"] for rd in rounds],
     }
     if args.profile:
-        result["profile"] = profile_intake(work / "profile", folder, count, args.input_size)
+        result["profile"] = profile_intake(work / "profile", folder, warmup, count, args.input_size)
     return result
 
 
@@ -828,10 +870,11 @@ def profile_worker(args: argparse.Namespace, node: NodeServer, orthanc: LocalOrt
     return {"images": len(samples), "raw": str(raw), "process_job": spy_inclusive(raw, "process_job", top=40)}
 
 
-def profile_intake(work: Path, folder: Path, count: int, input_size: int) -> dict[str, Any]:
+def profile_intake(work: Path, folder: Path, warmup: Path, count: int, input_size: int) -> dict[str, Any]:
     config = node_config(work, workers=0, orthanc=None, input_size=input_size, checkpoint=None)
     node = NodeServer(work, config).start()
     try:
+        storescu(warmup, node.port, node.ae_title)
         spy = SpyRecorder(node.proc.pid, work.parent / "intake-spy.txt", rate=200)
         elapsed = storescu(folder, node.port, node.ae_title)
         raw = spy.stop()
@@ -840,7 +883,70 @@ def profile_intake(work: Path, folder: Path, count: int, input_size: int) -> dic
     shutil.rmtree(work, ignore_errors=True)
     return {"wall_s_under_profiler": elapsed, "instances": count, "raw": str(raw),
             "c_store_handler": spy_inclusive(raw, "StoreSCP._handle_store"),
-            "enqueuer_thread": spy_inclusive(raw, "Enqueuer._run", top=12)}
+            "enqueuer_thread": spy_inclusive(raw, "Enqueuer._run", top=12),
+            "enqueuer_ablation": enqueuer_ablation(work, folder, warmup, count, input_size)}
+
+
+_ablation_broker_path: Path | None = None
+
+
+def _ablation_broker() -> Path:
+    global _ablation_broker_path
+    if _ablation_broker_path is None:
+        _ablation_broker_path = Path(tempfile.mkdtemp(prefix="ptx-e2e-broker-")) / "broker.sqlite"
+    return _ablation_broker_path
+
+
+def queued_count(database_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from node.db import Job, JobStatus, get_sessionmaker
+
+    with get_sessionmaker(database_url)() as session:
+        return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)) or 0)
+
+
+def enqueuer_ablation(work: Path, folder: Path, warmup: Path, count: int, input_size: int,
+                      rounds: int = 2) -> dict[str, Any]:
+    """The node's StoreSCP in this process, with and without its Enqueuer thread (broker publish +
+    QUEUED mark): how much the hand-off to the broker costs the C-STORE path."""
+    from node.config import load_config
+    from node.db import dispose_engines, migrate
+    from node.scp import Enqueuer, StoreSCP
+    from node.tasks import configure_app
+
+    rates: dict[str, list[float]] = {"with_enqueuer": [], "without_enqueuer": []}
+    for r in range(rounds):
+        for variant in (("with_enqueuer", "without_enqueuer") if r % 2 == 0 else ("without_enqueuer", "with_enqueuer")):
+            round_dir = work / f"ablation-{variant}-{r}"
+            raw = node_config(round_dir, workers=0, orthanc=None, input_size=input_size, checkpoint=None)
+            raw["scp"]["port"] = 0
+            # One broker file for every round in this process: Celery's producer pool stays bound to the
+            # first broker URL it published to, so a fresh file per round would make every publish fail.
+            raw["broker_url"] = f"sqla+sqlite:///{_ablation_broker()}"
+            config = load_config(overrides=raw)
+            migrate(config.database_url)
+            configure_app(config)
+            enqueuer = Enqueuer(config) if variant == "with_enqueuer" else None
+            if enqueuer is not None:
+                enqueuer.start()
+            scp = StoreSCP(config, enqueuer)
+            scp.start()
+            try:
+                storescu(warmup, scp.port, config.scp.ae_title)
+                rates[variant].append(count / storescu(folder, scp.port, config.scp.ae_title))
+                if enqueuer is not None:
+                    enqueuer.stop()
+                    enqueuer = None
+                    if queued_count(config.database_url) != count + 1:
+                        raise RuntimeError("the Enqueuer did not publish every job; the ablation is not valid")
+            finally:
+                scp.stop()
+                if enqueuer is not None:
+                    enqueuer.stop()
+                dispose_engines()
+                shutil.rmtree(round_dir, ignore_errors=True)
+    return {k: {"instances_per_s": v, "median": statistics.median(v)} for k, v in rates.items()}
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -935,15 +1041,20 @@ def print_report(report: dict[str, Any]) -> None:
               f"storescu, one association, median of {intake['repeats']}")
         print(f"  {'receiver':40s} {'inst/s':>8s} {'MB/s':>8s}")
         for key, label in (("node", "ptx-node SCP (fsync + job row commit)"),
-                           ("bare", "bare pynetdicom SCP (FolderReceiver)")):
+                           ("bare", "bare pynetdicom SCP (FolderReceiver)"),
+                           ("bare_fsync", "same + fsync file and directory")):
             v = intake[key]
             print(f"  {label:40s} {v['instances_per_s']:8.1f} {v['mb_per_s']:8.1f}")
         ok = intake["ratio"] >= INTAKE_GOAL
         print(f"  ratio node/bare = {intake['ratio']:.2f}x (per round {', '.join(f'{r:.2f}' for r in intake['ratio_per_round'])}); "
-              f"goal >= {INTAKE_GOAL}x: {'MET' if ok else 'MISSED'}")
+              f"goal >= {INTAKE_GOAL}x: {'MET' if ok else 'MISSED'}; node / (bare + fsync) = "
+              f"{intake['ratio_vs_bare_fsync']:.2f}x")
         if intake.get("profile"):
             _print_profile("py-spy, node SCP C-STORE handler (inclusive % of handler time)",
                            intake["profile"]["c_store_handler"], 15)
+            ablation = intake["profile"]["enqueuer_ablation"]
+            print("  in-process StoreSCP, inst/s (median): with its Enqueuer thread "
+                  f"{ablation['with_enqueuer']['median']:.1f}, without {ablation['without_enqueuer']['median']:.1f}")
     profile = (report.get("latency") or {}).get("profile")
     if profile:
         _print_profile("py-spy, worker process_job (inclusive % of job time)", profile["process_job"], 30)
@@ -1031,6 +1142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if cleanup:
             shutil.rmtree(work, ignore_errors=True)
+        if _ablation_broker_path is not None:
+            shutil.rmtree(_ablation_broker_path.parent, ignore_errors=True)
     report["elapsed_s"] = time.perf_counter() - started
     report["machine"]["loadavg_at_end"] = list(os.getloadavg())
     print_report(report)
