@@ -8,8 +8,8 @@ Three measurements in one run, all on this machine's CPU:
    from the start of the REST call that makes Orthanc send the C-STORE to the moment the
    SEG is stored in Orthanc (a thread polls Orthanc's ``/changes`` every 50 ms).
    "sequential": send one, wait for its job to end, send the next (pure per-image
-   latency); "burst": all N in one call (latency counted from the call's start, plus
-   throughput). One warm-up image goes first and is not counted. Every image gets a SEG
+   latency); "burst": ``--burst-n`` more in one call (latency counted from the call's
+   start, plus throughput). One warm-up image goes first and is not counted. Every image gets a SEG
    (``negative_policy = "seg_and_sc"``), so the figure is the full work for every image.
 2. Model only, in the same run, interleaved with the sequential latency (same image, right
    after its job ended, so background load hits both alike): ``model.Segmenter.predict(ds)``
