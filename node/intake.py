@@ -20,10 +20,10 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from node.config import NodeConfig
-from node.db import Job, JobStatus, get_sessionmaker, utcnow
+from node.db import Job, JobStatus, get_engine, utcnow
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -118,15 +118,18 @@ def patient_id_hash(ds: Dataset) -> str | None:
     return hashlib.sha256(f"ptx-node:{patient_id}".encode()).hexdigest()[:16]
 
 
-def _write_durably(ds: Dataset, file_meta: FileMetaDataset | None, path: Path) -> None:
+def _write_durably(ds: Dataset, file_meta: FileMetaDataset | None, path: Path, encoded: bytes | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = Dataset(ds)
-    if file_meta is not None:
-        ds.file_meta = file_meta
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
+            if encoded is not None:
+                fh.write(encoded)  # the sender's bytes as received: no re-encoding
+            else:
+                ds = Dataset(ds)
+                if file_meta is not None:
+                    ds.file_meta = file_meta
+                ds.save_as(fh, enforce_file_format=True)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -155,10 +158,13 @@ def accept_instance(
     source: str = "dimse",
     calling_ae: str | None = None,
     calling_host: str | None = None,
+    encoded: bytes | None = None,
 ) -> IntakeResult:
     """Select, spool (fsync) and record one instance; returns once the row is committed.
 
-    Raises ``ValueError`` when the dataset lacks the identifying UIDs.
+    ``encoded``: the instance as a DICOM file (preamble, meta, data set) exactly as it
+    arrived; written as is when given, else ``ds`` is encoded. Raises ``ValueError`` when
+    the dataset lacks the identifying UIDs.
     """
     sop_instance_uid = _str(ds, "SOPInstanceUID")
     if not sop_instance_uid:
@@ -169,52 +175,54 @@ def accept_instance(
     pixel_sha256 = _pixel_sha256(ds)
     reason = selection_reason(ds, min_image_size=config.scp.min_image_size)
 
-    factory = get_sessionmaker(config.database_url)
-    with factory() as session:
-        existing = session.scalar(
-            select(Job)
+    # Core statements, not the ORM: this runs once per C-STORE, inside the sender's wait.
+    engine = get_engine(config.database_url)
+    with engine.connect() as conn:
+        existing = conn.execute(
+            select(Job.id, Job.error)
             .where(Job.sop_instance_uid == sop_instance_uid, Job.pixel_sha256 == pixel_sha256)
             .order_by(Job.id.desc())
             .limit(1)
-        )
-        if existing is not None:
-            log.info("job %s: instance %s received again with the same pixels", existing.id, sop_instance_uid)
-            return IntakeResult(IntakeOutcome.DUPLICATE, existing.id, existing.error)
+        ).first()
+    if existing is not None:
+        log.info("job %s: instance %s received again with the same pixels", existing.id, sop_instance_uid)
+        return IntakeResult(IntakeOutcome.DUPLICATE, existing.id, existing.error)
 
-        job = Job(
-            status=JobStatus.SKIPPED if reason else JobStatus.RECEIVED,
-            source=source,
-            calling_ae=calling_ae,
-            calling_host=calling_host,
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=_str(ds, "SOPClassUID"),
-            study_instance_uid=_str(ds, "StudyInstanceUID"),
-            series_instance_uid=_str(ds, "SeriesInstanceUID"),
-            transfer_syntax_uid=transfer_syntax,
-            patient_id_hash=patient_id_hash(ds),
-            modality=_str(ds, "Modality", 16),
-            body_part=_str(ds, "BodyPartExamined", 16),
-            view_position=_str(ds, "ViewPosition", 16),
-            rows=int(ds.get("Rows", 0) or 0) or None,
-            columns=int(ds.get("Columns", 0) or 0) or None,
-            pixel_sha256=pixel_sha256,
-            error=reason,
-            received_at=utcnow(),
-        )
-        if reason:
-            job.finished_at = job.received_at
-        else:
-            # File first, row second: a row never points at a file that is not on disk.
-            spool_path = config.spool_dir / "incoming" / spool_filename(sop_instance_uid, pixel_sha256)
-            _write_durably(ds, file_meta, spool_path)
-            job.spool_path = str(spool_path)
-        session.add(job)
-        session.commit()
-        if reason:
-            log.info("job %s: SKIPPED instance %s: %s", job.id, sop_instance_uid, reason)
-            return IntakeResult(IntakeOutcome.SKIPPED, job.id, reason)
-        log.info("job %s: RECEIVED instance %s (study %s)", job.id, sop_instance_uid, job.study_instance_uid)
-        return IntakeResult(IntakeOutcome.QUEUED, job.id)
+    received_at = utcnow()
+    row = {
+        "status": JobStatus.SKIPPED if reason else JobStatus.RECEIVED,
+        "source": source,
+        "calling_ae": calling_ae,
+        "calling_host": calling_host,
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": _str(ds, "SOPClassUID"),
+        "study_instance_uid": _str(ds, "StudyInstanceUID"),
+        "series_instance_uid": _str(ds, "SeriesInstanceUID"),
+        "transfer_syntax_uid": transfer_syntax,
+        "patient_id_hash": patient_id_hash(ds),
+        "modality": _str(ds, "Modality", 16),
+        "body_part": _str(ds, "BodyPartExamined", 16),
+        "view_position": _str(ds, "ViewPosition", 16),
+        "rows": int(ds.get("Rows", 0) or 0) or None,
+        "columns": int(ds.get("Columns", 0) or 0) or None,
+        "pixel_sha256": pixel_sha256,
+        "error": reason,
+        "received_at": received_at,
+        "updated_at": received_at,
+        "finished_at": received_at if reason else None,
+    }
+    if not reason:
+        # File first, row second: a row never points at a file that is not on disk.
+        spool_path = config.spool_dir / "incoming" / spool_filename(sop_instance_uid, pixel_sha256)
+        _write_durably(ds, file_meta, spool_path, encoded)
+        row["spool_path"] = str(spool_path)
+    with engine.begin() as conn:
+        job_id = int(conn.execute(insert(Job).values(**row)).inserted_primary_key[0])
+    if reason:
+        log.info("job %s: SKIPPED instance %s: %s", job_id, sop_instance_uid, reason)
+        return IntakeResult(IntakeOutcome.SKIPPED, job_id, reason)
+    log.info("job %s: RECEIVED instance %s (study %s)", job_id, sop_instance_uid, row["study_instance_uid"])
+    return IntakeResult(IntakeOutcome.QUEUED, job_id)
 
 
 def read_spooled(path: str | os.PathLike[str]) -> Dataset:

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +179,15 @@ def process_job(config: NodeConfig, *, job_id: int) -> str:
                     return "failed"
                 _set(config, job_id, status=JobStatus.RUNNING, attempts=job.attempts + 1,
                      started_at=job.started_at or utcnow())
-                outcome = _run_model_and_write(config, job_id)
-                if outcome != "written":
-                    return outcome
+                written = _run_model_and_write(config, job_id)
+                if written.outcome != "written":
+                    return written.outcome
+                outcome = _deliver(config, job_id, already_sent=written.early_sent)
+                if written.png is not None:
+                    from node.outputs import write_png
+
+                    write_png(*written.png)  # for people, after the PACS has what it needs
+                return outcome
             return _deliver(config, job_id)
         except Exception as exc:
             log.exception("job %s: failed", job_id)
@@ -223,9 +229,32 @@ def _requeue_later(config: NodeConfig, job_id: int, delay_s: float) -> None:
     enqueue_job(config, job_id, countdown=delay_s)
 
 
-def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
+@dataclass
+class _Written:
+    outcome: str
+    # Destinations that already hold some outputs (sent before the rest was ready).
+    early_sent: dict[str, set[Path]] = field(default_factory=dict)
+    png: tuple[Any, Path] | None = None
+
+
+def _send_early(config: NodeConfig, path: Path) -> dict[str, set[Path]]:
+    """Send one finished output now, best effort; delivery proper sends what is missing."""
+    from node.delivery import DeliveryError, send_to_destination
+
+    sent: dict[str, set[Path]] = {}
+    for dest in config.destinations:
+        try:
+            send_to_destination(config, dest, [path])
+        except DeliveryError as exc:
+            log.info("early send of %s to %s failed (%s); it goes with the rest", path.name, dest.name, exc)
+            continue
+        sent[dest.name] = {path}
+    return sent
+
+
+def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
     from model import UnsupportedImageError, source_image_from_dataset
-    from node.outputs import build_overlay, build_seg, outputs_for, write_png
+    from node.outputs import build_overlay, build_seg, outputs_for
 
     factory = get_sessionmaker(config.database_url)
     with factory() as session:
@@ -234,13 +263,13 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
         spool_path = job.spool_path
     if not spool_path or not Path(spool_path).exists():
         _finish(config, job_id, JobStatus.FAILED, f"spooled file missing: {spool_path}")
-        return "failed"
+        return _Written("failed")
     ds = pydicom.dcmread(spool_path)
     try:
         source = source_image_from_dataset(ds)
     except (UnsupportedImageError, NotImplementedError, RuntimeError, ValueError) as exc:
         _finish(config, job_id, JobStatus.SKIPPED, f"cannot decode pixels: {exc}")
-        return "skipped"
+        return _Written("skipped")
 
     segmenter = get_segmenter(config)
     started = time.perf_counter()
@@ -276,16 +305,20 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
     from node.outputs import AlgorithmInfo
 
     algorithm = AlgorithmInfo.from_segmenter(segmenter)
+    written = _Written("written")
     if write_seg and files.seg is not None:
         seg = build_seg(ds, prediction.mask, algorithm=algorithm, series_instance_uid=uids[0],
                         sop_instance_uid=uids[1], options=options)
         _save_atomic(seg, files.seg)
+        if write_sc:
+            # The SEG reaches the PACS while the overlay is still being drawn.
+            written.early_sent = _send_early(config, files.seg)
     if write_sc and files.sc is not None:
         sc, rgb = build_overlay(ds, source.pixels, prediction, algorithm=algorithm,
                                 series_instance_uid=uids[2], sop_instance_uid=uids[3], options=options)
         _save_atomic(sc, files.sc)
         if files.png is not None:
-            write_png(rgb, files.png)
+            written.png = (rgb, files.png)
 
     _set(
         config, job_id,
@@ -302,7 +335,7 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> str:
     log.info("job %s: %s (max p %.3f, %d px) in %.0f ms", job_id,
              "positive" if prediction.positive else "negative", prediction.score, prediction.area_px, inference_ms)
     _record_worker(config, segmenter)
-    return "written"
+    return written
 
 
 def _save_atomic(ds: pydicom.Dataset, path: Path) -> None:
@@ -313,7 +346,7 @@ def _save_atomic(ds: pydicom.Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _deliver(config: NodeConfig, job_id: int) -> str:
+def _deliver(config: NodeConfig, job_id: int, *, already_sent: dict[str, set[Path]] | None = None) -> str:
     from node.delivery import DeliveryError, send_to_destination
 
     factory = get_sessionmaker(config.database_url)
@@ -339,7 +372,10 @@ def _deliver(config: NodeConfig, job_id: int) -> str:
             failures.append(f"{name}: destination no longer configured")
             continue
         try:
-            sent = send_to_destination(config, dest, paths) if paths else 0
+            done_early = (already_sent or {}).get(name, set())
+            missing = [p for p in paths if p not in done_early]
+            sent = len(paths) - len(missing)
+            sent += send_to_destination(config, dest, missing) if missing else 0
         except DeliveryError as exc:
             with factory() as session:
                 delivery = session.scalar(select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == name))

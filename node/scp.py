@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,28 +62,77 @@ TRANSFER_SYNTAXES = [
 
 
 class Enqueuer:
-    """Hands received job ids to the broker on its own thread (a slow broker never delays C-STORE)."""
+    """Hands received job ids to the broker on its own thread.
 
-    def __init__(self, config: NodeConfig) -> None:
+    While an association is streaming images in, publishing waits for a pause of
+    ``quiet_gap_s`` between C-STOREs (at most ``max_defer_s``) and then goes in one
+    batch: during a burst the sender is waiting on our C-STORE answers while the workers
+    are busy anyway. A study is published as soon as its association ends, or after the
+    gap on an association the PACS keeps open. A dead broker never delays C-STORE.
+    """
+
+    def __init__(self, config: NodeConfig, *, quiet_gap_s: float = 0.1, max_defer_s: float = 5.0,
+                 batch_size: int = 200) -> None:
         self._config = config
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="enqueuer", daemon=True)
+        self._active = 0
+        self._idle = threading.Condition()
+        self._quiet_gap_s = quiet_gap_s
+        self._max_defer_s = max_defer_s
+        self._last_put = 0.0
+        self._batch_size = batch_size
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, job_id: int) -> None:
+        self._last_put = time.monotonic()
         self._queue.put(job_id)
+
+    def association_started(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def association_ended(self) -> None:
+        with self._idle:
+            self._active = max(0, self._active - 1)
+            self._idle.notify_all()
 
     def stop(self) -> None:
         self._queue.put(None)
+        with self._idle:
+            self._idle.notify_all()
         self._thread.join(timeout=10)
 
+    def _wait_for_quiet(self) -> None:
+        deadline = time.monotonic() + self._max_defer_s
+        with self._idle:
+            while self._active and (now := time.monotonic()) < deadline:
+                quiet_at = self._last_put + self._quiet_gap_s
+                if now >= quiet_at:
+                    return
+                self._idle.wait(timeout=min(quiet_at, deadline) - now)
+
     def _run(self) -> None:
-        from node.tasks import enqueue_job
+        from node.tasks import enqueue_jobs
 
         while (job_id := self._queue.get()) is not None:
-            enqueue_job(self._config, job_id)
+            self._wait_for_quiet()
+            batch = [job_id]
+            stop = False
+            while len(batch) < self._batch_size:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            enqueue_jobs(self._config, batch)
+            if stop:
+                return
 
 
 @dataclass
@@ -183,6 +233,8 @@ class StoreSCP:
         row_id = self._record_association(event, accepted=True, reason=None)
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats(row_id=row_id)
+        if self.enqueuer is not None:
+            self.enqueuer.association_started()
 
     def _handle_rejected(self, event: Any) -> None:
         calling = str(event.assoc.requestor.ae_title or "").strip()
@@ -195,6 +247,8 @@ class StoreSCP:
     def _handle_ended(self, event: Any) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+        if stats is not None and self.enqueuer is not None:
+            self.enqueuer.association_ended()
         if stats is None or stats.row_id is None:
             return
         factory = get_sessionmaker(self.config.database_url)
@@ -227,6 +281,7 @@ class StoreSCP:
         try:
             ds = event.dataset
             file_meta = event.file_meta
+            encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:
             log.warning("C-STORE: cannot decode the dataset: %s", exc)
             self._count(event, False)
@@ -240,6 +295,7 @@ class StoreSCP:
                 source="dimse",
                 calling_ae=str(requestor.ae_title or "").strip()[:16],
                 calling_host=str(requestor.address)[:64],
+                encoded=encoded,
             )
         except ValueError as exc:
             log.warning("C-STORE: refused: %s", exc)

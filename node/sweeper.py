@@ -56,14 +56,10 @@ def jobs_to_requeue(config: NodeConfig, now: dt.datetime | None = None, limit: i
 
 
 def sweep_once(config: NodeConfig) -> int:
-    from node.tasks import enqueue_job
+    from node.tasks import enqueue_jobs
 
-    count = 0
-    for job_id in jobs_to_requeue(config):
-        if enqueue_job(config, job_id):
-            count += 1
-        else:
-            break  # broker still down: try again next sweep
+    due = jobs_to_requeue(config)
+    count = len(enqueue_jobs(config, due)) if due else 0
     if count:
         log.info("sweeper: re-enqueued %d job(s)", count)
     return count

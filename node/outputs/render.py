@@ -124,10 +124,14 @@ def _draw_mask(image: np.ndarray, mask: np.ndarray, layout: Layout, options: Out
     if not mask.any():
         return
     alpha = float(options.fill_opacity)
-    fill = np.asarray(options.fill_color, dtype=np.float32)
-    inside = image[mask].astype(np.float32)
-    image[mask] = (inside * (1.0 - alpha) + fill * alpha + 0.5).astype(np.uint8)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    mask_u8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    # Blend the whole image once in OpenCV and copy it in under the mask: several times
+    # faster than fancy indexing on a radiograph-sized image.
+    solid = np.empty_like(image)
+    solid[:] = np.asarray(options.fill_color, dtype=np.uint8)
+    blended = cv2.addWeighted(image, 1.0 - alpha, solid, alpha, 0.0)
+    cv2.copyTo(blended, mask_u8, image)
+    contours, _ = cv2.findContours(mask_u8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     # a dark halo keeps the outline visible where it crosses bright bone
     cv2.drawContours(image, contours, -1, _HALO, layout.outline_thickness + 2, cv2.LINE_AA)
     cv2.drawContours(image, contours, -1, tuple(options.outline_color), layout.outline_thickness, cv2.LINE_AA)
