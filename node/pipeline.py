@@ -334,7 +334,7 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
     )
     log.info("job %s: %s (max p %.3f, %d px) in %.0f ms", job_id,
              "positive" if prediction.positive else "negative", prediction.score, prediction.area_px, inference_ms)
-    _record_worker(config, segmenter)
+    record_worker(config, segmenter, jobs_done=1)
     return written
 
 
@@ -425,7 +425,8 @@ def _metric_retry(destination: str) -> None:
     inc_delivery_retry(destination)
 
 
-def _record_worker(config: NodeConfig, segmenter: Any) -> None:
+def record_worker(config: NodeConfig, segmenter: Any, *, jobs_done: int = 0) -> None:
+    """This process's row in `workers` (status page: alive, device, model); never raises."""
     factory = get_sessionmaker(config.database_url)
     try:
         with factory() as session:
@@ -438,7 +439,7 @@ def _record_worker(config: NodeConfig, segmenter: Any) -> None:
             record.model_version = segmenter.version
             record.checkpoint_sha256 = segmenter.checkpoint_sha256
             record.last_seen = utcnow()
-            record.jobs_done = (record.jobs_done or 0) + 1
+            record.jobs_done = (record.jobs_done or 0) + jobs_done
             session.commit()
     except Exception:
         log.exception("could not record worker heartbeat")

@@ -10,7 +10,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from node.config import NodeConfig
-from node.db import WorkerRecord, dispose_engines, get_sessionmaker, utcnow
+from node.db import dispose_engines
 from node.tasks import app, set_worker_config, worker_config
 
 __all__ = ["run_worker"]
@@ -21,25 +21,13 @@ _heartbeat_stop = threading.Event()
 
 
 def _heartbeat(config: NodeConfig) -> None:
-    from node.pipeline import get_segmenter, resolve_device, worker_name
+    from node.pipeline import get_segmenter, record_worker
 
-    name = worker_name()
     while True:
         try:
-            segmenter = get_segmenter(config)
-            with get_sessionmaker(config.database_url)() as session:
-                record = session.get(WorkerRecord, name)
-                if record is None:
-                    record = WorkerRecord(name=name, started_at=utcnow(), jobs_done=0)
-                    session.add(record)
-                record.device = resolve_device(config)
-                record.model_name = segmenter.name
-                record.model_version = segmenter.version
-                record.checkpoint_sha256 = segmenter.checkpoint_sha256
-                record.last_seen = utcnow()
-                session.commit()
+            record_worker(config, get_segmenter(config))
         except Exception:
-            log.exception("worker heartbeat failed")
+            log.exception("worker heartbeat failed")  # e.g. the model does not load
         if _heartbeat_stop.wait(15.0):
             return
 
