@@ -182,12 +182,7 @@ def process_job(config: NodeConfig, *, job_id: int) -> str:
                 written = _run_model_and_write(config, job_id)
                 if written.outcome != "written":
                     return written.outcome
-                outcome = _deliver(config, job_id, already_sent=written.early_sent)
-                if written.png is not None:
-                    from node.outputs import write_png
-
-                    write_png(*written.png)  # for people, after the PACS has what it needs
-                return outcome
+                return _deliver(config, job_id, already_sent=written.early_sent)
             return _deliver(config, job_id)
         except Exception as exc:
             log.exception("job %s: failed", job_id)
@@ -234,7 +229,6 @@ class _Written:
     outcome: str
     # Destinations that already hold some outputs (sent before the rest was ready).
     early_sent: dict[str, set[Path]] = field(default_factory=dict)
-    png: tuple[Any, Path] | None = None
 
 
 def _send_early(config: NodeConfig, path: Path) -> dict[str, set[Path]]:
@@ -254,7 +248,7 @@ def _send_early(config: NodeConfig, path: Path) -> dict[str, set[Path]]:
 
 def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
     from model import UnsupportedImageError, source_image_from_dataset
-    from node.outputs import build_overlay, build_seg, outputs_for
+    from node.outputs import build_overlay, build_seg, outputs_for, write_png
 
     factory = get_sessionmaker(config.database_url)
     with factory() as session:
@@ -318,7 +312,8 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
                                 series_instance_uid=uids[2], sop_instance_uid=uids[3], options=options)
         _save_atomic(sc, files.sc)
         if files.png is not None:
-            written.png = (rgb, files.png)
+            # After the SEG went out, before the job can be DONE (the demo reads it then).
+            write_png(rgb, files.png)
 
     _set(
         config, job_id,
