@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +112,36 @@ def _pixel_sha256(ds: Dataset) -> str:
     return digest.hexdigest()
 
 
-def patient_id_hash(ds: Dataset) -> str | None:
+_salts: dict[Path, bytes] = {}
+
+
+def installation_salt(spool_dir: Path) -> bytes:
+    """A random secret per installation (``spool_dir/patient-id.salt``, made on first use):
+    short numeric patient IDs hashed with a public constant could be reversed by trying them all."""
+    path = spool_dir / "patient-id.salt"
+    salt = _salts.get(path)
+    if salt is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+        salt = bytes.fromhex(path.read_text().strip())
+        _salts[path] = salt
+    return salt
+
+
+def patient_id_hash(ds: Dataset, salt: bytes) -> str | None:
+    """Lets admins see that two jobs are the same patient without storing who it is."""
     patient_id = str(ds.get("PatientID", "") or "")
     if not patient_id:
         return None
-    return hashlib.sha256(f"ptx-node:{patient_id}".encode()).hexdigest()[:16]
+    return hashlib.sha256(salt + patient_id.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def _write_durably(ds: Dataset, file_meta: FileMetaDataset | None, path: Path, encoded: bytes | None) -> None:
@@ -199,7 +225,7 @@ def accept_instance(
         "study_instance_uid": _str(ds, "StudyInstanceUID"),
         "series_instance_uid": _str(ds, "SeriesInstanceUID"),
         "transfer_syntax_uid": transfer_syntax,
-        "patient_id_hash": patient_id_hash(ds),
+        "patient_id_hash": patient_id_hash(ds, installation_salt(config.spool_dir)),
         "modality": _str(ds, "Modality", 16),
         "body_part": _str(ds, "BodyPartExamined", 16),
         "view_position": _str(ds, "ViewPosition", 16),

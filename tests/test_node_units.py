@@ -220,6 +220,12 @@ def test_intake_spools_records_and_dedupes(tmp_path: Path) -> None:
     # Neither the patient's name nor their ID is in the job row.
     assert "SECRET-ID-123" not in row and "Doe" not in row
     assert job.patient_id_hash and len(job.patient_id_hash) == 16
+    # Salted with this installation's secret, not a constant anyone could replay.
+    import hashlib
+
+    assert job.patient_id_hash != hashlib.sha256(b"ptx-node:SECRET-ID-123").hexdigest()[:16]
+    salt_file = tmp_path / "spool" / "patient-id.salt"
+    assert oct(salt_file.stat().st_mode & 0o777) == "0o600" and len(salt_file.read_text()) == 64
 
 
 def test_skipped_instances_leave_a_row_with_the_reason_and_no_file(tmp_path: Path) -> None:
