@@ -24,13 +24,31 @@ __all__ = ["main"]
 log = logging.getLogger("ptx-node")
 
 
+class RedactLibraryValues(logging.Filter):
+    """Library warnings quote header values (pydicom's invalid-value warnings, highdicom's
+    person-name warnings): strip quoted text from them so no patient name reaches the logs."""
+
+    _QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
+    _LOGGERS = ("py.warnings", "pydicom", "highdicom", "pynetdicom")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self._LOGGERS):
+            message = self._QUOTED.sub("<redacted>", record.getMessage())
+            record.msg, record.args = message, None
+        return True
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
-    # pynetdicom logs every PDU at INFO; keep its warnings only.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactLibraryValues())
+    # pynetdicom logs every PDU and highdicom every copied module at INFO; keep warnings.
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _apply_cli_overrides(args: argparse.Namespace) -> None:

@@ -101,6 +101,13 @@ def test_orthanc_routes_real_radiographs_and_gets_seg_and_sc_back(tmp_path: Path
     finally:
         node.stop()
 
+    log_text = node.log_text()
+    for path in inputs.values():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for value in (str(ds.get("PatientName", "")), str(ds.get("PatientID", "")), str(ds.get("ReferringPhysicianName", ""))):
+            if len(value) >= 3:
+                assert value not in log_text, f"the node's log holds a header name/ID value: {value!r}"
+
     by_uid = {j.sop_instance_uid: j for j in jobs}
     for name, path in inputs.items():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
