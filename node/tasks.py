@@ -40,7 +40,7 @@ def configure_app(config: NodeConfig) -> Celery:
         # kombu hands these options to create_engine: wait on SQLite locks, don't fail.
         transport_options["connect_args"] = {"timeout": 30}
         # ...so the poll interval can't go there; the transport polls once a second by default.
-        kombu_sqla.Transport.polling_interval = 0.1
+        kombu_sqla.Transport.polling_interval = 0.05
         _sqlite_wal(config.broker_url.removeprefix("sqla+"))
     elif config.broker_url.startswith(("redis://", "rediss://")):
         # Redelivery of unacked messages after a worker vanished; the sweeper is faster.
