@@ -17,14 +17,15 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from node.config import NodeConfig
-from node.db import Job, JobStatus, get_engine, utcnow
+from node.db import Delivery, DeliveryStatus, Job, JobStatus, get_engine, utcnow
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -205,12 +206,17 @@ def accept_instance(
     engine = get_engine(config.database_url)
     with engine.connect() as conn:
         existing = conn.execute(
-            select(Job.id, Job.error)
+            select(Job.id, Job.error, Job.status, Job.spool_path)
             .where(Job.sop_instance_uid == sop_instance_uid, Job.pixel_sha256 == pixel_sha256)
             .order_by(Job.id.desc())
             .limit(1)
         ).first()
     if existing is not None:
+        if existing.status == JobStatus.FAILED and existing.spool_path and Path(existing.spool_path).exists():
+            # An admin re-sending a failed study means "try again": reopen the same job.
+            _reopen_failed(engine, existing.id)
+            log.info("job %s: instance %s re-sent after failure; job reopened", existing.id, sop_instance_uid)
+            return IntakeResult(IntakeOutcome.QUEUED, existing.id, "reopened after failure")
         log.info("job %s: instance %s received again with the same pixels", existing.id, sop_instance_uid)
         return IntakeResult(IntakeOutcome.DUPLICATE, existing.id, existing.error)
 
@@ -249,6 +255,30 @@ def accept_instance(
         return IntakeResult(IntakeOutcome.SKIPPED, job_id, reason)
     log.info("job %s: RECEIVED instance %s (study %s)", job_id, sop_instance_uid, row["study_instance_uid"])
     return IntakeResult(IntakeOutcome.QUEUED, job_id)
+
+
+def _reopen_failed(engine: Any, job_id: int) -> None:
+    """FAILED -> SENDING when its outputs are on disk (deliver them again), else RECEIVED
+    (run it again); retry counters start over."""
+    with engine.begin() as conn:
+        job = conn.execute(select(Job.output_dir, Job.seg_sop_instance_uid, Job.sc_sop_instance_uid)
+                           .where(Job.id == job_id)).one()
+        outputs = [Path(job.output_dir) / name for name, uid in (("seg.dcm", job.seg_sop_instance_uid),
+                                                                  ("sc.dcm", job.sc_sop_instance_uid))
+                   if job.output_dir and uid]
+        has_outputs = bool(outputs) and all(p.exists() for p in outputs)
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.FAILED)
+            .values(status=JobStatus.SENDING if has_outputs else JobStatus.RECEIVED, attempts=0, error=None,
+                    lease_until=None, next_attempt_at=None, queued_at=None, delivered_at=None,
+                    updated_at=utcnow())
+        )
+        conn.execute(
+            update(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
+            .values(status=DeliveryStatus.PENDING, attempts=0)
+        )
 
 
 def read_spooled(path: str | os.PathLike[str]) -> Dataset:

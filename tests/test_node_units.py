@@ -228,6 +228,29 @@ def test_intake_spools_records_and_dedupes(tmp_path: Path) -> None:
     assert oct(salt_file.stat().st_mode & 0o777) == "0o600" and len(salt_file.read_text()) == 64
 
 
+def test_resending_a_failed_instance_reopens_its_job(tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from node.db import get_engine
+
+    config = _config(tmp_path)
+    ds = _image_dataset(np.ones((512, 512)))
+    first = accept_instance(ds, file_meta=_meta(ds), config=config)
+    with get_engine(config.database_url).begin() as conn:
+        conn.execute(update(Job).where(Job.id == first.job_id)
+                     .values(status=JobStatus.FAILED, error="RuntimeError: boom", attempts=3))
+    again = accept_instance(ds, file_meta=_meta(ds), config=config)
+    assert again.outcome == IntakeOutcome.QUEUED and again.job_id == first.job_id
+    with get_sessionmaker(config.database_url)() as session:
+        job = session.get(Job, first.job_id)
+        assert job.status == JobStatus.RECEIVED and job.attempts == 0 and job.error is None
+        assert session.query(Job).count() == 1
+    # A DONE job re-sent stays a duplicate.
+    with get_engine(config.database_url).begin() as conn:
+        conn.execute(update(Job).where(Job.id == first.job_id).values(status=JobStatus.DONE))
+    assert accept_instance(ds, file_meta=_meta(ds), config=config).outcome == IntakeOutcome.DUPLICATE
+
+
 def test_skipped_instances_leave_a_row_with_the_reason_and_no_file(tmp_path: Path) -> None:
     config = _config(tmp_path)
     ds = _image_dataset(np.zeros((512, 512)), ViewPosition="LL")
