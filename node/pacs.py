@@ -53,6 +53,8 @@ class LocalOrthanc:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        # Merged into the generated orthanc.json (e.g. LuaScripts, DicomModalities).
+        self.extra_config: dict[str, Any] = {}
 
     @property
     def url(self) -> str:
@@ -95,6 +97,7 @@ class LocalOrthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
             "StableAge": 1,
             "DicomModalities": {},
+            **self.extra_config,
             "DicomScuTimeout": 30,
         }
         cfg_path = self.workdir / "orthanc.json"

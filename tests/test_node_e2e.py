@@ -347,3 +347,38 @@ def _deliveries(node: NodeProcess, job_id: int):
 
     with node.session() as session:
         return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
+
+
+def test_orthanc_autoroutes_with_the_readme_lua_rule(tmp_path: Path) -> None:
+    """The routing rule the README gives PACS admins, run by a real Orthanc."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    lua = re.search(r"```lua\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "autoroute.lua").write_text(lua)
+    node = node_for(tmp_path, None, destinations=[])
+    pacs = Orthanc(tmp_path / "orthanc")
+    pacs.extra_config = {
+        "LuaScripts": [str(tmp_path / "autoroute.lua")],
+        "DicomModalities": {"ptx": [node.ae_title, "127.0.0.1", node.port]},
+    }
+    pacs.start()
+    node.config["destinations"] = [{"name": "orthanc", "ae_title": pacs.ae_title, "host": "127.0.0.1",
+                                    "port": pacs.dicom_port}]
+    from tests.services import write_toml
+
+    write_toml(node.config_path, node.config)
+    node.start()
+    try:
+        pacs.upload(make_phantom(tmp_path / "auto.dcm", seed=41))  # a CR: routed
+        pacs.upload(pydicom_file("CT_small.dcm"))  # a CT: not routed
+        (job,) = node.wait_for_terminal(1, timeout=300)
+        outputs = wait_until(
+            lambda: (o := outputs_in_orthanc(pacs, job.study_instance_uid)) and o["SEG"] and o["SC"] and o,
+            60, what="SEG and SC back in Orthanc")
+    finally:
+        node.stop()
+        pacs.stop()
+    assert job.status == JobStatus.DONE and job.calling_ae == "ORTHANC"
+    assert len(node.jobs()) == 1, "the CT or the node's own outputs were routed too"
+    assert len(outputs["SEG"]) == 1 and len(outputs["SC"]) == 1
