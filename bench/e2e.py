@@ -64,6 +64,7 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
+from node.config import write_config_file  # noqa: E402
 from node.pacs import LocalOrthanc, free_port, wait_until  # noqa: E402
 
 __all__ = ["main"]
@@ -182,29 +183,6 @@ def latency_inputs(folder: Path, n: int, phantom_size: int, templates: dict[str,
 # --- the node as an admin runs it -------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def write_node_toml(path: Path, config: dict[str, Any]) -> Path:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, dict | list)]
-    for key, table in config.items():
-        if isinstance(table, dict):
-            lines += [f"\n[{key}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
-    for key, items in config.items():
-        if isinstance(items, list):
-            for item in items:
-                lines += [f"\n[[{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def node_config(workdir: Path, *, workers: int, orthanc: LocalOrthanc | None, input_size: int,
                 checkpoint: Path | None) -> dict[str, Any]:
     """The embedded default (SQLite jobs, SQLite broker), explicit where the benchmark needs it."""
@@ -238,7 +216,7 @@ class NodeServer:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.config_path = write_node_toml(workdir / "node.toml", config)
+        self.config_path = write_config_file(workdir / "node.toml", config)
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

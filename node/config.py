@@ -10,6 +10,7 @@ otherwise taken as strings.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -32,6 +33,7 @@ __all__ = [
     "ScpOptions",
     "WorkerOptions",
     "load_config",
+    "write_config_file",
 ]
 
 ENV_PREFIX = "PTX_NODE_"
@@ -276,3 +278,33 @@ def _resolve_paths(config: NodeConfig, base_dir: Path) -> NodeConfig:
             "model": model,
         }
     )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def write_config_file(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
+    """Write plain config data (as `load_config` reads it) as a TOML file: top-level keys,
+    then one [table] per section, then [[array]] items such as destinations."""
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    arrays = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], Mapping)}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if k not in tables and k not in arrays]
+    for key, table in tables.items():
+        lines += [f"\n[{key}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    for key, items in arrays.items():
+        for item in items:
+            lines += [f"\n[[{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items())]
+    target = Path(path)
+    target.write_text("\n".join(lines) + "\n")
+    return target

@@ -9,7 +9,6 @@ table and writes the overlays as PNG files.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 from pydicom import dcmread
 from pynetdicom import AE
 
+from node.config import write_config_file
 from node.pacs import LocalOrthanc, free_port, wait_until
 from node.proc import die_with_parent
 from node.receiver import FolderReceiver
@@ -56,26 +56,18 @@ def _send_pynetdicom(paths: list[Path], port: int, ae_title: str) -> None:
 
 
 def _write_config(out: Path, scp_port: int, destination: dict[str, Any], checkpoint: str | None) -> Path:
-    lines = [
-        f'spool_dir = "{out / "spool"}"',
-        f'database_url = "sqlite:///{out / "jobs.sqlite"}"',
-        f'broker_url = "sqla+sqlite:///{out / "broker.sqlite"}"',
-        "",
-        "[scp]",
-        'ae_title = "PTXNODE"',
-        f"port = {scp_port}",
-        "",
-        "[model]",
-        'device = "auto"',
-        f"allow_untrained = {'false' if checkpoint else 'true'}",
-    ]
+    model: dict[str, Any] = {"device": "auto", "allow_untrained": not checkpoint}
     if checkpoint:
-        lines.append(f'checkpoint = "{Path(checkpoint).resolve()}"')
-    lines += ["", "[http]", "port = 0", "", "[[destinations]]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in destination.items()]
-    path = out / "node.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        model["checkpoint"] = Path(checkpoint).resolve()
+    return write_config_file(out / "node.toml", {
+        "spool_dir": out / "spool",
+        "database_url": f"sqlite:///{out / 'jobs.sqlite'}",
+        "broker_url": f"sqla+sqlite:///{out / 'broker.sqlite'}",
+        "scp": {"ae_title": "PTXNODE", "port": scp_port},
+        "model": model,
+        "http": {"port": 0},
+        "destinations": [destination],
+    })
 
 
 def run_demo(args: argparse.Namespace) -> int:

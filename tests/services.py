@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from node.config import write_config_file
 from node.pacs import LocalOrthanc, free_port, wait_until
 from node.proc import die_with_parent
 
@@ -61,40 +61,6 @@ class Orthanc(LocalOrthanc):
 # --- the node ---------------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    lines: list[str] = []
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    arrays = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-    for key, value in data.items():
-        if key not in tables and key not in arrays:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, table in tables.items():
-        lines.append(f"\n[{key}]")
-        for k, v in table.items():
-            lines.append(f"{k} = {_toml_value(v)}")
-    for key, items in arrays.items():
-        for item in items:
-            lines.append(f"\n[[{key}]]")
-            for k, v in item.items():
-                lines.append(f"{k} = {_toml_value(v)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class NodeProcess:
     """`ptx-node serve` as a subprocess with a generated config."""
 
@@ -103,7 +69,7 @@ class NodeProcess:
         self.config = config
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[str] | None = None
-        self.config_path = write_toml(workdir / "node.toml", config)
+        self.config_path = write_config_file(workdir / "node.toml", config)
         self.output: list[str] = []
 
     @property

@@ -365,9 +365,9 @@ def test_orthanc_autoroutes_with_the_readme_lua_rule(tmp_path: Path) -> None:
     pacs.start()
     node.config["destinations"] = [{"name": "orthanc", "ae_title": pacs.ae_title, "host": "127.0.0.1",
                                     "port": pacs.dicom_port}]
-    from tests.services import write_toml
+    from node.config import write_config_file
 
-    write_toml(node.config_path, node.config)
+    write_config_file(node.config_path, node.config)
     node.start()
     try:
         pacs.upload(make_phantom(tmp_path / "auto.dcm", seed=41))  # a CR: routed

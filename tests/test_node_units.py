@@ -412,3 +412,21 @@ def test_process_job_does_not_touch_a_job_another_worker_holds(tmp_path: Path) -
     assert process_job(config, job_id=job_id) == "noop"
     with get_sessionmaker(config.database_url)() as session:
         assert session.get(Job, job_id).worker == "elsewhere:1"
+
+
+def test_written_config_files_load_back_identically(tmp_path: Path) -> None:
+    from node.config import write_config_file
+
+    data = {
+        "spool_dir": str(tmp_path / "spool"),
+        "scp": {"port": 11999, "allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.5"}]},
+        "model": {"allow_untrained": True, "tta": False},
+        "destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 104},
+                         {"name": "w", "kind": "stow", "url": "http://x/dicom-web"}],
+    }
+    config = load_config(write_config_file(tmp_path / "node.toml", data), environ={})
+    expected = load_config(None, environ={}, overrides=data)
+    # Default relative paths resolve against the file's folder vs the cwd; the rest is equal.
+    relative = {"database_url", "broker_url"}
+    assert config.model_dump(exclude=relative) == expected.model_dump(exclude=relative)
+    assert config.scp.allowed_callers[0].host == "10.0.0.5" and config.destinations[1].kind == "stow"
