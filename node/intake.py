@@ -34,6 +34,7 @@ __all__ = [
     "accept_instance",
     "selection_reason",
     "spool_filename",
+    "write_durably",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,9 @@ def patient_id_hash(ds: Dataset, salt: bytes) -> str | None:
     return hashlib.sha256(salt + patient_id.encode("utf-8", "replace")).hexdigest()[:16]
 
 
-def _write_durably(ds: Dataset, file_meta: FileMetaDataset | None, path: Path, encoded: bytes | None) -> None:
+def write_durably(ds: Dataset, path: Path, *, file_meta: FileMetaDataset | None = None,
+                  encoded: bytes | None = None) -> None:
+    """Write a DICOM file so it survives a crash: temp name, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".dcm")
     try:
@@ -246,7 +249,7 @@ def accept_instance(
     if not reason:
         # File first, row second: a row never points at a file that is not on disk.
         spool_path = config.spool_dir / "incoming" / spool_filename(sop_instance_uid, pixel_sha256)
-        _write_durably(ds, file_meta, spool_path, encoded)
+        write_durably(ds, spool_path, file_meta=file_meta, encoded=encoded)
         row["spool_path"] = str(spool_path)
     with engine.begin() as conn:
         job_id = int(conn.execute(insert(Job).values(**row)).inserted_primary_key[0])

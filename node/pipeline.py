@@ -26,6 +26,7 @@ from sqlalchemy import or_, select, update
 
 from node.config import NodeConfig
 from node.db import Delivery, DeliveryStatus, Job, JobStatus, WorkerRecord, get_sessionmaker, utcnow
+from node.intake import write_durably
 
 __all__ = ["OutputFiles", "claim_job", "process_job", "worker_name"]
 
@@ -303,14 +304,14 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
     if write_seg and files.seg is not None:
         seg = build_seg(ds, prediction.mask, algorithm=algorithm, series_instance_uid=uids[0],
                         sop_instance_uid=uids[1], options=options)
-        _save_atomic(seg, files.seg)
+        write_durably(seg, files.seg, file_meta=seg.file_meta)
         if write_sc:
             # The SEG reaches the PACS while the overlay is still being drawn.
             written.early_sent = _send_early(config, files.seg)
     if write_sc and files.sc is not None:
         sc, rgb = build_overlay(ds, source.pixels, prediction, algorithm=algorithm,
                                 series_instance_uid=uids[2], sop_instance_uid=uids[3], options=options)
-        _save_atomic(sc, files.sc)
+        write_durably(sc, files.sc, file_meta=sc.file_meta)
         if files.png is not None:
             # After the SEG went out, before the job can be DONE (the demo reads it then).
             write_png(rgb, files.png)
@@ -331,14 +332,6 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
              "positive" if prediction.positive else "negative", prediction.score, prediction.area_px, inference_ms)
     record_worker(config, segmenter, jobs_done=1)
     return written
-
-
-def _save_atomic(ds: pydicom.Dataset, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _deliver(config: NodeConfig, job_id: int, *, already_sent: dict[str, set[Path]] | None = None) -> str:
