@@ -2,7 +2,7 @@
 
 Three measurements in one run, all on this machine's CPU:
 
-1. Latency. A real Orthanc (``node.pacs.LocalOrthanc``) routes N radiographs to
+1. Latency. A real Orthanc (``node.demo.pacs.LocalOrthanc``) routes N radiographs to
    ``ptx-node serve`` (embedded default: SQLite jobs, SQLite Celery broker, one embedded
    worker, destination = that Orthanc) through ``/modalities/ptx/store``. For each image:
    from the start of the REST call that makes Orthanc send the C-STORE to the moment the
@@ -10,7 +10,7 @@ Three measurements in one run, all on this machine's CPU:
    "sequential": send one, wait for its job to end, send the next (pure per-image
    latency); "burst": ``--burst-n`` more in one call (latency counted from the call's
    start, plus throughput). One warm-up image goes first and is not counted. Every image gets a SEG
-   (``negative_policy = "seg_and_sc"``), so the figure is the full work for every image.
+   (``negative = ["seg", "sr", "gsps", "sc"]``, as for a positive), so the figure is the full work for every image.
 2. Model only, in the same run, interleaved with the sequential latency (same image, right
    after its job ended, so background load hits both alike): ``model.Segmenter.predict(ds)``
    with the worker's configuration (same input size, TTA on, CPU, same thread count, same
@@ -18,7 +18,7 @@ Three measurements in one run, all on this machine's CPU:
    C-STORE to Orthanc) to split the non-model time. The job rows (received, queued,
    started, delivered, inference_ms) and the node's log give the same split from the node.
 3. Intake. The node's SCP (fsync + job row commit; ``embedded_workers = 0``, model not
-   loaded) vs a bare pynetdicom store SCP (``node.receiver.FolderReceiver``) on the same
+   loaded) vs a bare pynetdicom store SCP (``node.demo.receiver.FolderReceiver``) on the same
    files, sent by dcmtk ``storescu`` in one association; plus the bare SCP with an fsync of
    each file and its directory (what durability alone costs). Two sets: 200 small phantoms
    + 4 RG1_UNCR ("mixed"), and 20 RG1_UNCR copies ("large", radiograph-sized). Median of
@@ -65,7 +65,7 @@ import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from node.config import write_config_file  # noqa: E402
-from node.pacs import LocalOrthanc, free_port, wait_until  # noqa: E402
+from node.demo.pacs import LocalOrthanc, free_port, wait_until  # noqa: E402
 
 __all__ = ["main"]
 
@@ -201,7 +201,7 @@ def node_config(workdir: Path, *, workers: int, orthanc: LocalOrthanc | None, in
         "worker": {"embedded_workers": workers},
         "http": {"enabled": False},
         # Every image gets a SEG: the latency is "C-STORE to SEG stored" for all of them.
-        "outputs": {"negative_policy": "seg_and_sc"},
+        "outputs": {"negative": ["seg", "sr", "gsps", "sc"]},
     }
     if orthanc is not None:
         config["destinations"] = [{"name": "orthanc", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
@@ -460,7 +460,7 @@ class InProcess:
             self.segmenter = Segmenter.untrained(device="cpu", input_size=input_size, tta=True, num_threads=threads)
         self.threads = threads
         self.algorithm = AlgorithmInfo.from_segmenter(self.segmenter)
-        self.options = OutputOptions(negative_policy="seg_and_sc")
+        self.options = OutputOptions(negative=["seg", "sr", "gsps", "sc"])
         self.destination = Destination(name="orthanc", ae_title=orthanc.ae_title, host="127.0.0.1",
                                        port=orthanc.dicom_port)
         self.config = NodeConfig(destinations=[self.destination])
@@ -695,7 +695,7 @@ def durable_store(receiver: Any, event: Any) -> int:
 
 
 def intake_bare_round(work: Path, folder: Path, warmup: Path, expected: int, *, durable: bool = False) -> float:
-    from node.receiver import FolderReceiver
+    from node.demo.receiver import FolderReceiver
 
     receiver = FolderReceiver(work / "received", ae_title="BARESCP")
     if durable:

@@ -7,7 +7,10 @@ with its default CPU runtime (ONNX Runtime when installed) and, for the breakdow
 PyTorch runtime (inference mode, channels-last, both TTA views in one batch). Same weights,
 same preprocessed radiograph, rounds interleaved so background load hits all variants
 alike; reports per-image medians, minima, the median of per-round ratios and the max abs
-probability difference vs plain.
+probability difference vs plain. ``--ensemble N`` (N >= 2) adds a fold ensemble of N members
+on the default CPU path, in the same rounds, and its cost relative to one network on that
+path (every member holds the same weights: the time does not depend on their values, and
+the members share one ONNX export; the ensemble's probability must then equal the single's).
 
 GPU (when CUDA is present): images/s at batch 32 with hflip TTA: plain smp (bf16 autocast,
 NCHW, two calls) vs ours (bf16 autocast, channels-last, one batch of 64 views,
@@ -15,6 +18,7 @@ NCHW, two calls) vs ours (bf16 autocast, channels-last, one batch of 64 views,
 
     python bench/infer.py                      # CPU (2 threads), and GPU if present
     python bench/infer.py --smoke              # tiny sizes, seconds: checks that it runs
+    python bench/infer.py --device cpu --size 256 --ensemble 3   # + a 3-fold ensemble
     python bench/infer.py --json out.json
 """
 
@@ -42,7 +46,7 @@ if str(REPO) not in sys.path:
 
 import segmentation_models_pytorch as smp  # noqa: E402
 
-from model.checkpoint import Manifest  # noqa: E402
+from model.checkpoint import ENSEMBLE_FORMAT_VERSION, Manifest, member_weights_filename  # noqa: E402
 from model.infer import TTA_TRANSFORMS, Segmenter  # noqa: E402
 from model.network import build_network  # noqa: E402
 from model.preprocess import PreprocessConfig, preprocess, source_image_from_dataset  # noqa: E402
@@ -60,9 +64,13 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-warmup", type=int, default=10, help="untimed GPU steps (compilation)")
     parser.add_argument("--no-compile", action="store_true", help="GPU: ours without torch.compile")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="N",
+                        help="CPU: also time a fold ensemble of N members (N >= 2) on the default CPU path")
     parser.add_argument("--smoke", action="store_true", help="size 64, 2 rounds: a quick check")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     parsed = parser.parse_args(args)
+    if parsed.ensemble == 1 or parsed.ensemble < 0:
+        parser.error("--ensemble needs N >= 2 members (0: no ensemble)")
     if parsed.smoke:
         parsed.size, parsed.rounds, parsed.warmup = 64, 2, 1
         parsed.gpu_batch, parsed.gpu_steps, parsed.gpu_warmup = 4, 2, 1
@@ -101,9 +109,15 @@ def _plain_smp(ours: torch.nn.Module) -> torch.nn.Module:
     return plain.eval()
 
 
-def _manifest(size: int) -> Manifest:
-    return Manifest(name="bench", version="0", input_size=size,
-                    preprocess=PreprocessConfig(input_size=size).to_dict())
+def _manifest(size: int, ensemble: int = 0) -> Manifest:
+    if not ensemble:
+        return Manifest(name="bench", version="0", input_size=size,
+                        preprocess=PreprocessConfig(input_size=size).to_dict())
+    members = [{"fold": k, "weights_file": member_weights_filename(k), "weights_sha256": "0" * 64}
+               for k in range(ensemble)]
+    section = {"combine": "mean_probability", "members": members, "postprocess_tuned_on": "benchmark: no tuning"}
+    return Manifest(name="bench", version="0", input_size=size, preprocess=PreprocessConfig(input_size=size).to_dict(),
+                    ensemble=section, format_version=ENSEMBLE_FORMAT_VERSION)
 
 
 def _load() -> list[float]:
@@ -136,6 +150,15 @@ def bench_cpu(opts: argparse.Namespace) -> dict[str, Any]:
         segmenters[name] = seg
         variants[name] = lambda seg=seg: seg.predict_probability_net(batch, tta=True)[0]
         print(f"[cpu] {name}: runner ready in {setup_s:.1f} s", flush=True)
+    single_name = next(reversed(segmenters))  # the default CPU path: onnxruntime when installed
+    ensemble_name = None
+    if opts.ensemble:
+        members = [copy.deepcopy(network) for _ in range(opts.ensemble)]
+        seg = Segmenter(members, _manifest(opts.size, opts.ensemble), runtime=runtimes[-1], num_threads=opts.threads)
+        started = time.perf_counter()
+        ensemble_name = f"ours ({seg.runtime_name})"
+        print(f"[cpu] {ensemble_name}: runners ready in {time.perf_counter() - started:.1f} s", flush=True)
+        variants[ensemble_name] = lambda seg=seg: seg.predict_probability_net(batch, tta=True)[0]
 
     reference = plain_tta()
     if not np.isfinite(reference).all():
@@ -171,6 +194,16 @@ def bench_cpu(opts: argparse.Namespace) -> dict[str, Any]:
         }
     default_name = next(n for n in variants if n.startswith("ours (onnxruntime")) if onnxruntime_available() \
         else "ours (torch)"
+    ensemble: dict[str, Any] | None = None
+    if ensemble_name is not None:
+        ratios = [e / s for e, s in zip(times[ensemble_name], times[single_name], strict=True)]
+        ensemble = {
+            "members": opts.ensemble,
+            "variant": ensemble_name,
+            "single_variant": single_name,
+            "cost_vs_single_median_of_rounds": statistics.median(ratios),
+            "cost_vs_single_median": statistics.median(times[ensemble_name]) / statistics.median(times[single_name]),
+        }
     return {
         "cpu_model": _cpu_model_name(),
         "threads": opts.threads,
@@ -181,6 +214,7 @@ def bench_cpu(opts: argparse.Namespace) -> dict[str, Any]:
         "loadavg_after": load_after,
         "default_cpu_path": default_name,
         "variants": results,
+        "ensemble": ensemble,
     }
 
 

@@ -41,11 +41,14 @@ from trainer.data import cache_from_arrays  # noqa: E402
 from trainer.synth import make_phantom  # noqa: E402
 from trainer.training import measure_throughput  # noqa: E402
 
-RECIPE = "default_unetpp_b4_512"
+DEFAULT_RECIPE = "default_unetpp_b4_512"
 
 
 def _setup_argparser(args: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"any ptx-train recipe (name or TOML path; default {DEFAULT_RECIPE}): its network, "
+                             "augmentations, loss and precision; the plain loop trains the same network")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of both modes")
     parser.add_argument("--learning", action="store_true", help="learning run instead of throughput")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -122,14 +125,21 @@ class _NumpySegmentationSet(torch.utils.data.Dataset):
 
 
 def plain_smp_loop(
-    images: np.ndarray, masks: np.ndarray, *, device: str, batch: int, warmup: int, steps: int, workers: int
+    images: np.ndarray, masks: np.ndarray, *, device: str, batch: int, warmup: int, steps: int, workers: int,
+    config: TrainConfig | None = None,
 ) -> dict[str, Any]:
-    """The published baseline: NCHW, autocast bf16, Adam, BCE + Dice, DataLoader from numpy."""
+    """The published baseline: NCHW, autocast bf16, Adam, BCE + Dice, DataLoader from numpy,
+    on the recipe's network (UNet++ / EfficientNet-B4 by default)."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    network = build_network("unetplusplus", "efficientnet-b4").to(dev)  # smp UnetPlusPlus, encoder_weights=None
+    network_options = config.network if config is not None else None
+    network = build_network(  # smp model, encoder_weights=None
+        network_options.architecture if network_options else "unetplusplus",
+        network_options.encoder if network_options else "efficientnet-b4",
+        decoder_channels=network_options.decoder_channels if network_options else None,
+    ).to(dev)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
     bce = torch.nn.BCEWithLogitsLoss()
     dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
@@ -168,7 +178,8 @@ def plain_smp_loop(
 # --------------------------------------------------------------------------- modes
 
 
-def _our_config(size: int, batch: int, *, compile: bool, compile_mode: str, extra: dict[str, Any] | None = None) -> TrainConfig:
+def _our_config(recipe: str, size: int, batch: int, *, compile: bool, compile_mode: str,
+                extra: dict[str, Any] | None = None) -> TrainConfig:
     overrides = {
         "network.encoder_weights": "none",
         "preprocess.input_size": size,
@@ -180,28 +191,29 @@ def _our_config(size: int, batch: int, *, compile: bool, compile_mode: str, extr
         "runtime.data_on_device": "auto",
     }
     overrides.update(extra or {})
-    return load_config(RECIPE, overrides)
+    return load_config(recipe, overrides)
 
 
 def run_throughput(options: argparse.Namespace, out: Path) -> dict[str, Any]:
     device = _device(options.device)
-    cfg = _our_config(options.size, options.batch, compile=True, compile_mode=options.compile_mode)
+    cfg = _our_config(options.recipe, options.size, options.batch, compile=True, compile_mode=options.compile_mode)
     started = time.perf_counter()
     images, masks = _phantom_arrays(options.images, options.size, cfg.preprocess_config)
     data_seconds = time.perf_counter() - started
     cache = cache_from_arrays(out / "cache", images, masks, cfg.preprocess_config)
-    results: dict[str, Any] = {"mode": "throughput", "environment": _environment(device),
+    results: dict[str, Any] = {"mode": "throughput", "recipe": cfg.name, "environment": _environment(device),
                                "size": options.size, "batch": options.batch, "images": options.images,
                                "data_seconds": data_seconds}
     print(f"[train bench] {options.images} phantoms at {options.size} px ready in {data_seconds:.1f}s", flush=True)
     results["plain"] = plain_smp_loop(images, masks, device=device, batch=options.batch,
-                                      warmup=options.warmup, steps=options.steps, workers=options.workers)
+                                      warmup=options.warmup, steps=options.steps, workers=options.workers, config=cfg)
     print(f"[train bench] plain smp loop: {results['plain']['images_per_s']:.1f} img/s", flush=True)
     variants = {"ours_compiled": True}
     if not options.no_eager_variant:
         variants = {"ours_eager": False, **variants}
     for name, compiled in variants.items():
-        config = _our_config(options.size, options.batch, compile=compiled, compile_mode=options.compile_mode)
+        config = _our_config(options.recipe, options.size, options.batch, compile=compiled,
+                             compile_mode=options.compile_mode)
         results[name] = measure_throughput(config, cache, device=device, warmup_steps=options.warmup, steps=options.steps)
         results[name]["ratio_vs_plain"] = results[name]["images_per_s"] / results["plain"]["images_per_s"]
         print(f"[train bench] {name}: {results[name]['images_per_s']:.1f} img/s "
@@ -225,7 +237,7 @@ def run_learning(options: argparse.Namespace, out: Path) -> dict[str, Any]:
     if not (data_dir / "train-rle.csv").is_file():
         write_synthetic_dataset(data_dir, options.learning_images, size=options.learning_source_size, seed=11)
     synth_seconds = time.perf_counter() - started
-    config = _our_config(options.learning_size, options.batch, compile=device.startswith("cuda"),
+    config = _our_config(options.recipe, options.learning_size, options.batch, compile=device.startswith("cuda"),
                          compile_mode=options.compile_mode, extra={
                              "optim.epochs": options.learning_epochs, "optim.lr": options.learning_lr,
                              "early_stopping.patience": max(10, options.learning_epochs),
@@ -240,7 +252,7 @@ def run_learning(options: argparse.Namespace, out: Path) -> dict[str, Any]:
                           split_file=run_dir / "split.json", batch_size=options.batch, progress=False)
     tta, plain = evaluation.metrics["tta"], evaluation.metrics["plain"]
     return {
-        "mode": "learning", "environment": _environment(device),
+        "mode": "learning", "recipe": config.name, "environment": _environment(device),
         "images": options.learning_images, "source_size": options.learning_source_size,
         "input_size": options.learning_size, "epochs": options.learning_epochs,
         "synth_seconds": synth_seconds, "train_seconds": train_seconds,

@@ -23,9 +23,11 @@ __all__ = [
     "UnsupportedImageError",
     "build_network",
     "load_checkpoint",
+    "load_ensemble",
     "postprocess",
     "preprocess",
     "save_checkpoint",
+    "save_ensemble",
     "source_image_from_dataset",
     "source_image_from_png",
 ]
@@ -38,6 +40,8 @@ _LOCATIONS = {
     "Manifest": "model.checkpoint",
     "load_checkpoint": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
+    "load_ensemble": "model.checkpoint",
+    "save_ensemble": "model.checkpoint",
     "Segmenter": "model.infer",
 }
 
@@ -55,7 +59,14 @@ from model.preprocess import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from model.checkpoint import CheckpointError, Manifest, load_checkpoint, save_checkpoint
+    from model.checkpoint import (
+        CheckpointError,
+        Manifest,
+        load_checkpoint,
+        load_ensemble,
+        save_checkpoint,
+        save_ensemble,
+    )
     from model.infer import Segmenter
     from model.network import ARCHITECTURES, ENCODERS, build_network
 

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.checkpoint import Manifest, load_checkpoint
+from model.checkpoint import (
+    CheckpointError,
+    Manifest,
+    ensemble_suffix,
+    load_weights,
+)
 from model.network import build_network
 from model.postprocess import PostprocessConfig, Prediction, postprocess
 from model.preprocess import (
@@ -57,7 +62,11 @@ class Segmenter:
     """Turns radiographs into :class:`~model.postprocess.Prediction` objects.
 
     Build with :meth:`from_checkpoint` (served models) or :meth:`untrained` (random weights,
-    for demos and tests). The TTA views of a batch run as one batch. CPU path (runtime
+    for demos and tests). A fold ensemble (``network`` a sequence of the members' networks,
+    in the manifest's member order) serves the mean of its members' probabilities: each
+    member averages its own TTA views, then the members are averaged (equal weights, so this
+    is also the mean over every member x view); the manifest's postprocess then applies once.
+    The TTA views of a batch run as one batch. CPU path (runtime
     "auto"): ONNX Runtime on a locally exported graph when installed, else
     PyTorch with inference mode and channels-last. GPU path: PyTorch bf16 autocast,
     channels-last, optional ``torch.compile`` on fixed (padded) batch shapes.
@@ -71,7 +80,7 @@ class Segmenter:
 
     def __init__(
         self,
-        network: nn.Module,
+        network: nn.Module | Sequence[nn.Module],
         manifest: Manifest,
         *,
         device: str | torch.device = "cpu",
@@ -84,10 +93,14 @@ class Segmenter:
         num_threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not isinstance(network, nn.Module):
-            raise TypeError("Segmenter needs a torch.nn.Module network.")
+        networks = (network,) if isinstance(network, nn.Module) else tuple(network)
+        if not networks or not all(isinstance(n, nn.Module) for n in networks):
+            raise TypeError("Segmenter needs a torch.nn.Module network (or a sequence of them for an ensemble).")
         if not isinstance(manifest, Manifest):
             raise TypeError("Segmenter needs a Manifest.")
+        n_members = len(manifest.member_folds) or 1
+        if len(networks) != n_members:
+            raise ValueError(f"The manifest describes {n_members} network(s) but {len(networks)} were given.")
         if not isinstance(tta, bool):
             raise TypeError("Segmenter tta must be a boolean.")
         self.manifest = manifest
@@ -103,8 +116,8 @@ class Segmenter:
         self.untrained = bool(untrained)
         self.preprocess_config: PreprocessConfig = manifest.preprocess_config
         self.postprocess_config: PostprocessConfig = manifest.postprocess_config
-        #: TTA transforms applied when a call says tta=True (the manifest's, hflip by default).
-        self.tta_transforms: tuple[str, ...] = tuple(manifest.tta) or ("hflip",)
+        #: TTA transforms applied when a call says tta=True: the manifest's, none when it lists none.
+        self.tta_transforms: tuple[str, ...] = tuple(manifest.tta)
         self.tta = tta
         if max_batch_size is None:
             max_batch_size = 32 if self.device.type == "cuda" else 1
@@ -114,22 +127,33 @@ class Segmenter:
         self.num_threads = num_threads
         self.compile = bool(compile)
         self._cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.network = network.eval()
-        self._runner: Runner | None = None
+        #: Every member's network (one for a single checkpoint); ``network`` is the first.
+        self.networks: tuple[nn.Module, ...] = tuple(n.eval() for n in networks)
+        self.network = self.networks[0]
+        self._runners: tuple[Runner, ...] | None = None
         self._runner_lock = threading.Lock()
 
     @property
-    def runner(self) -> Runner:
-        """The execution backend, built on first use (an ONNX export can take seconds)."""
-        with self._runner_lock:
-            if self._runner is None:
-                self._runner = self._make_runner()
-        return self._runner
+    def is_ensemble(self) -> bool:
+        return self.manifest.ensemble is not None
 
-    def _make_runner(self) -> Runner:
+    @property
+    def runners(self) -> tuple[Runner, ...]:
+        """One execution backend per member, built on first use (an ONNX export can take seconds)."""
+        with self._runner_lock:
+            if self._runners is None:
+                self._runners = tuple(self._make_runner(network) for network in self.networks)
+        return self._runners
+
+    @property
+    def runner(self) -> Runner:
+        """The (first member's) execution backend."""
+        return self.runners[0]
+
+    def _make_runner(self, network: nn.Module) -> Runner:
         return make_runner(
             self.runtime,
-            self.network,
+            network,
             self.device,
             input_shape=(self.manifest.in_channels, self.input_size, self.input_size),
             num_threads=self.num_threads,
@@ -140,8 +164,9 @@ class Segmenter:
 
     @property
     def runtime_name(self) -> str:
-        """The backend in use ("onnxruntime", "torch", "torch-compile")."""
-        return self.runner.name
+        """The backend in use ("onnxruntime", "torch", "torch-compile"; "... x3 folds" for an ensemble)."""
+        name = self.runner.name
+        return f"{name} x{len(self.networks)} folds" if self.is_ensemble else name
 
     def warmup(self) -> None:
         """Build the backend and run one forward (export, compilation) before the first job."""
@@ -159,15 +184,30 @@ class Segmenter:
         tta: bool = True,
         **options: Any,
     ) -> Segmenter:
-        """Load a checkpoint directory (verifies the weights' sha256; no network access)."""
-        state, manifest = load_checkpoint(path)
-        network = build_network(
-            manifest.architecture, manifest.encoder,
-            in_channels=manifest.in_channels, classes=manifest.classes,
-        )
-        network.load_state_dict(state, strict=True)
+        """Load a checkpoint directory, one network or a fold ensemble (verifies every weights
+        file's sha256; no network access)."""
+        states, manifest = load_weights(path)
+        networks = []
+        for fold, state in states.items():
+            network = build_network(
+                manifest.architecture, manifest.encoder,
+                in_channels=manifest.in_channels, classes=manifest.classes,
+                decoder_channels=manifest.decoder_channels,
+            )
+            if fold is None:
+                network.load_state_dict(state, strict=True)
+            else:
+                try:
+                    network.load_state_dict(state, strict=True)
+                except RuntimeError as exc:
+                    detail = " ".join(str(exc).split())[:200]
+                    raise CheckpointError(
+                        f"Ensemble member fold {fold} does not fit the manifest's network "
+                        f"({manifest.architecture} / {manifest.encoder}): {detail}"
+                    ) from None
+            networks.append(network)
         return cls(
-            network, manifest, device=device, tta=tta,
+            networks if manifest.ensemble is not None else networks[0], manifest, device=device, tta=tta,
             checkpoint_sha256=manifest.weights_sha256, untrained=False, **options,
         )
 
@@ -206,11 +246,19 @@ class Segmenter:
 
     @property
     def version(self) -> str:
+        """The manifest's version; an ensemble's says how many folds it averages ("1.0 3-fold ensemble")."""
+        if self.is_ensemble:
+            return self.manifest.version + ensemble_suffix(len(self.networks))
         return self.manifest.version
 
     @property
     def input_size(self) -> int:
         return self.preprocess_config.input_size
+
+    @property
+    def caveat(self) -> str | None:
+        """The warning the manifest asks every output to carry (e.g. a demo model), or None."""
+        return self.manifest.caveat or None
 
     # ------------------------------------------------------------------ inference
 
@@ -225,11 +273,14 @@ class Segmenter:
         n = x.shape[0]
         x = x.to(self.device, non_blocking=True)  # TTA views are built on the device
         views = torch.cat([x, *(t.forward(x) for t in transforms)], dim=0)
-        prob = torch.sigmoid(self.runner(views)[:, 0])  # stays on the device until the end
-        total = prob[:n].clone()
-        for i, t in enumerate(transforms, start=1):
-            total += t.inverse(prob[i * n:(i + 1) * n])
-        return total / (1 + len(transforms))
+        members = []
+        for runner in self.runners:  # an ensemble: each member's TTA mean, then their mean
+            prob = torch.sigmoid(runner(views)[:, 0])  # stays on the device until the end
+            total = prob[:n].clone()
+            for i, t in enumerate(transforms, start=1):
+                total += t.inverse(prob[i * n:(i + 1) * n])
+            members.append(total / (1 + len(transforms)))
+        return members[0] if len(members) == 1 else torch.stack(members).mean(dim=0)
 
     def predict_probability_net(self, net_input: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
         """Network-grid probabilities for a preprocessed batch: (N, S, S) -> (N, S, S) float32."""
@@ -255,6 +306,8 @@ class Segmenter:
 
     def _finish(self, source: SourceImage, probability_net: np.ndarray, transform: GeometricTransform) -> Prediction:
         probability_src = np.clip(transform.inverse(probability_net, order="linear"), 0.0, 1.0)
+        if source.padding is not None:
+            probability_src[source.padding] = 0.0  # padding is never a finding
         return postprocess(probability_src, self.postprocess_config, source.pixel_spacing_mm)
 
     def predict(self, source: SourceImage | Any, *, tta: bool | None = None) -> Prediction:
@@ -277,6 +330,7 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (
-            f"Segmenter(name={self.name!r}, version={self.version!r}, device={str(self.device)!r}, "
+            f"Segmenter(name={self.name!r}, version={self.version!r}, members={len(self.networks)}, "
+            f"device={str(self.device)!r}, "
             f"untrained={self.untrained}, tta={self.tta})"
         )

@@ -28,8 +28,10 @@ ENCODERS: dict[str, str] = {
     "efficientnet-b0": "efficientnet-b0",  # small sibling: tests and quick experiments
     "efficientnet-b4": "efficientnet-b4",
     "timm-efficientnet-b4": "timm-efficientnet-b4",
+    "resnet18": "resnet18",
     "resnet34": "resnet34",
     "resnet50": "resnet50",
+    "mobilenet_v2": "mobilenet_v2",  # small and fast on CPU: the demo model
     "xception": "xception",
 }
 
@@ -70,13 +72,16 @@ def build_network(
     in_channels: int = 1,
     classes: int = 1,
     layer_dropout: tuple[float, ...] | None = None,
+    decoder_channels: Sequence[int] | None = None,
 ) -> nn.Module:
     """Build a segmentation network with random weights (``encoder_weights=None``, no download).
 
     ``layer_dropout`` gives Dropout2d rates for the encoder features feeding the decoder,
     bottleneck first (the UNet++ paper's 0.4 / 0.3 / 0.2 / 0.2 / 0.1 is
     :data:`DEFAULT_LAYER_DROPOUT`); dropout has no weights, so checkpoints are the same
-    with and without it. The network returns logits (N, classes, H, W).
+    with and without it. ``decoder_channels`` (five widths, deepest first) narrows the
+    decoder; None keeps segmentation-models-pytorch's default. The network returns logits
+    (N, classes, H, W).
     """
     model_class = _lookup(ARCHITECTURES, architecture, "architecture")
     encoder_name = _lookup(ENCODERS, encoder, "encoder")
@@ -84,8 +89,14 @@ def build_network(
         raise ValueError("in_channels must be a positive integer.")
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
         raise ValueError("classes must be a positive integer.")
+    extra: dict[str, Any] = {}
+    if decoder_channels is not None:
+        widths = tuple(decoder_channels)
+        if len(widths) != 5 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ValueError("decoder_channels must hold 5 positive integers, deepest first.")
+        extra["decoder_channels"] = widths
     network = model_class(
-        encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels, classes=classes
+        encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels, classes=classes, **extra
     )
     if layer_dropout is not None:
         rates = tuple(float(r) for r in layer_dropout)

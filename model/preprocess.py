@@ -30,6 +30,9 @@ __all__ = [
 #: Network sizes the seeds train at; other multiples of 32 are accepted too.
 SUPPORTED_INPUT_SIZES = (256, 512, 1024)
 
+#: Intensity scalings after CLAHE (PreprocessConfig.scaling).
+SCALINGS = ("standardize", "minmax", "unit")
+
 #: Fraction of pixels that must fall strictly inside the header window for it to be trusted.
 _MIN_INSIDE_WINDOW_FRACTION = 0.2
 #: Symmetric percentiles of the robust window (symmetric so that inversion commutes with it).
@@ -49,11 +52,14 @@ class SourceImage:
     ``pixels`` is float32 (H, W) in [0, 1], bone bright (MONOCHROME1 already inverted).
     ``pixel_spacing_mm`` is (row spacing, column spacing) in mm, or None when unknown.
     ``photometric`` is the original PhotometricInterpretation ("PNG" for PNG files).
+    ``padding`` marks PixelPaddingValue pixels (outside the exposed area): they are left
+    out of windowing, shown black, and never part of a mask. None when there are none.
     """
 
     pixels: np.ndarray
     pixel_spacing_mm: tuple[float, float] | None = None
     photometric: str = "MONOCHROME2"
+    padding: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         pixels = self.pixels
@@ -70,6 +76,11 @@ class SourceImage:
                     f"SourceImage.pixel_spacing_mm must be two positive numbers, got {self.pixel_spacing_mm!r}."
                 )
             object.__setattr__(self, "pixel_spacing_mm", spacing)
+        if self.padding is not None:
+            padding = np.asarray(self.padding, dtype=bool)
+            if padding.shape != pixels.shape:
+                raise ValueError(f"SourceImage.padding must have the pixels' shape {pixels.shape}.")
+            object.__setattr__(self, "padding", padding if padding.any() else None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,17 +104,24 @@ def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
-def _stats_sample(values: np.ndarray) -> np.ndarray:
-    """A deterministic subsample for percentile statistics (keeps big images cheap)."""
+def _stats_sample(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """A deterministic subsample for percentile statistics (keeps big images cheap);
+    only `valid` pixels (not padding) when given."""
+    if valid is not None and not valid.all():
+        kept = values[valid]
+        if kept.size == 0:
+            return values.ravel()[:1]
+        step = int(math.ceil(kept.size / _STATS_MAX_PIXELS))
+        return kept[::step]
     if values.size <= _STATS_MAX_PIXELS:
         return values
     step = int(math.ceil(math.sqrt(values.size / _STATS_MAX_PIXELS)))
     return values[::step, ::step]
 
 
-def _robust_window(values: np.ndarray) -> np.ndarray:
+def _robust_window(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Linear window between symmetric low/high percentiles, clipped to [0, 1]."""
-    lo, hi = np.percentile(_stats_sample(values), _ROBUST_PERCENTILES)
+    lo, hi = np.percentile(_stats_sample(values, valid), _ROBUST_PERCENTILES)
     if not hi > lo:
         return np.zeros(values.shape, np.float32)
     out = (values - lo) / (hi - lo)
@@ -117,7 +135,7 @@ def _first(value: Any) -> float:
     return float(value)
 
 
-def _header_window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+def _header_window(values: np.ndarray, ds: pydicom.Dataset, valid: np.ndarray | None = None) -> np.ndarray | None:
     """Apply the header window (DICOM PS3.3 C.11.2.1.2); None if absent or implausible."""
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
@@ -142,7 +160,7 @@ def _header_window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None
             return None
         out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
     out = np.clip(out, 0.0, 1.0).astype(np.float32)
-    sample = _stats_sample(out)
+    sample = _stats_sample(out, valid)
     inside = np.count_nonzero((sample > 0.0) & (sample < 1.0)) / sample.size
     # A window from another bit depth or a wrong header saturates almost everything.
     if inside < _MIN_INSIDE_WINDOW_FRACTION:
@@ -150,7 +168,7 @@ def _header_window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None
     return out
 
 
-def _voi_lut_sequence(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+def _voi_lut_sequence(values: np.ndarray, ds: pydicom.Dataset, valid: np.ndarray | None = None) -> np.ndarray | None:
     if "VOILUTSequence" not in ds or len(ds.VOILUTSequence) == 0:
         return None
     from pydicom.pixels import apply_voi
@@ -161,10 +179,28 @@ def _voi_lut_sequence(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | N
         out = apply_voi(lut_input, ds, index=0).astype(np.float64)
     except Exception:  # noqa: BLE001 - a broken LUT falls back to the window, as viewers do
         return None
-    lo, hi = float(out.min()), float(out.max())
+    inside = out if valid is None or not valid.any() else out[valid]
+    lo, hi = float(inside.min()), float(inside.max())
     if not hi > lo:
         return None
-    return ((out - lo) / (hi - lo)).astype(np.float32)
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _padding_mask(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """Stored values equal to PixelPaddingValue, or in its range up to PixelPaddingRangeLimit
+    (PS3.3 C.7.5.1.1.2); None without a usable PixelPaddingValue."""
+    try:
+        value = ds.get("PixelPaddingValue")
+        limit = ds.get("PixelPaddingRangeLimit")
+        if value is None or isinstance(value, (bytes, bytearray)):
+            return None
+        value = int(_first(value))
+        limit = value if limit is None or isinstance(limit, (bytes, bytearray)) else int(_first(limit))
+    except (TypeError, ValueError, IndexError):
+        return None
+    lo, hi = min(value, limit), max(value, limit)
+    padding = (stored >= lo) & (stored <= hi)
+    return padding if padding.any() and not padding.all() else None
 
 
 def source_image_from_dataset(ds: pydicom.Dataset) -> SourceImage:
@@ -195,19 +231,28 @@ def source_image_from_dataset(ds: pydicom.Dataset) -> SourceImage:
     if stored.ndim != 2:
         raise UnsupportedImageError(f"Expected a 2D pixel array, got shape {stored.shape}.")
 
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    pixels = _voi_lut_sequence(values, ds)
+    padding = _padding_mask(stored, ds)
+    valid = None if padding is None else ~padding
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a broken rescale/LUT: stored values, windowed from their statistics
+        values = stored.astype(np.float64)
+    if not np.isfinite(values).all():
+        values = stored.astype(np.float64)
+    pixels = _voi_lut_sequence(values, ds, valid)
     if pixels is None:
-        pixels = _header_window(values, ds)
+        pixels = _header_window(values, ds, valid)
     if pixels is None:
-        pixels = _robust_window(values)
+        pixels = _robust_window(values, valid)
 
     shape = str(ds.get("PresentationLUTShape", "") or "").upper()
     # For MONOCHROME1, INVERSE restates the polarity (PS3.3 C.8.11.6.1.2): invert once, not twice.
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         pixels = 1.0 - pixels
+    if padding is not None:
+        pixels = np.where(padding, 0.0, pixels)  # outside the exposure: black, whatever the polarity
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    return SourceImage(pixels=pixels, pixel_spacing_mm=_pixel_spacing(ds), photometric=photometric)
+    return SourceImage(pixels=pixels, pixel_spacing_mm=_pixel_spacing(ds), photometric=photometric, padding=padding)
 
 
 def source_image_from_png(path: str | PathLike[str]) -> SourceImage:
@@ -244,7 +289,10 @@ class PreprocessConfig:
     ``crop_rows``/``crop_cols`` are fractions of the source height/width (the UNet++ seed's
     fixed lung region). ``crop_pad_px`` is counted in pixels of a 1024-pixel image and scaled
     with the source size, so that a 1024 PNG and its 3000-pixel DICOM crop the same anatomy.
-    ``mean``/``std`` normalize the [0, 1] image (ImageNet gray statistics).
+    ``scaling`` is the last step: "standardize" ((x - ``mean``) / ``std``, ImageNet gray
+    statistics; what checkpoints without the field were trained with), "minmax" (each image
+    stretched to [0, 1] by its own minimum and maximum, the UNet++ seed's MinMax after CLAHE)
+    or "unit" (the [0, 1] display image as is, the backbone comparison's scaling).
     """
 
     input_size: int = 512
@@ -257,6 +305,7 @@ class PreprocessConfig:
     crop_pad_px: int = 20
     mean: float = 0.449
     std: float = 0.226
+    scaling: Literal["standardize", "minmax", "unit"] = "standardize"
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, bool) or not isinstance(self.input_size, int):
@@ -280,6 +329,8 @@ class PreprocessConfig:
             raise ValueError("PreprocessConfig.crop_pad_px must be a non-negative integer.")
         if not (self.std > 0):
             raise ValueError("PreprocessConfig.std must be positive.")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"PreprocessConfig.scaling must be one of {', '.join(SCALINGS)}; got {self.scaling!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -472,7 +523,7 @@ def preprocess(
 ) -> tuple[np.ndarray, GeometricTransform]:
     """Source pixels -> float32 (S, S) network input and the transform back to the source grid.
 
-    Steps: [lung crop] -> resize to S x S -> [CLAHE] -> (x - mean) / std.
+    Steps: [lung crop] -> resize to S x S -> [CLAHE] -> scaling ((x - mean) / std, MinMax or none).
     """
     if not isinstance(cfg, PreprocessConfig):
         raise TypeError("preprocess() needs a PreprocessConfig.")
@@ -482,5 +533,10 @@ def preprocess(
     net = np.clip(net, 0.0, 1.0)
     if cfg.clahe:
         net = apply_clahe(net, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
-    net = (net - np.float32(cfg.mean)) / np.float32(cfg.std)
+    if cfg.scaling == "standardize":
+        net = (net - np.float32(cfg.mean)) / np.float32(cfg.std)
+    elif cfg.scaling == "minmax":
+        low, high = float(net.min()), float(net.max())
+        # a flat image has no range to stretch: it becomes all zeros
+        net = (net - low) / (high - low) if high > low else np.zeros_like(net)
     return np.ascontiguousarray(net, dtype=np.float32), transform

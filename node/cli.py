@@ -1,4 +1,4 @@
-"""`ptx-node`: serve, worker, jobs, resend, config check, db upgrade, demo."""
+"""`ptx-node`: serve, worker, jobs, workers, resend, config check, db upgrade, demo."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import CONFIG_FILE_ENV, ConfigError, NodeConfig, load_config
 from node.proc import die_with_parent
+from node.report import format_job_table, format_table
 
 __all__ = ["main"]
 
@@ -25,16 +28,38 @@ log = logging.getLogger("ptx-node")
 
 
 class RedactLibraryValues(logging.Filter):
-    """Library warnings quote header values (pydicom's invalid-value warnings, highdicom's
-    person-name warnings): strip quoted text from them so no patient name reaches the logs."""
+    """No header value reaches the logs: quoted text and non-ASCII text are replaced by
+    <redacted> in every record's message (library warnings quote header values: pydicom's
+    invalid-value warnings, highdicom's person-name warnings) and in the exception lines of
+    tracebacks, whose file/line frames stay as they are."""
 
     _QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
-    _LOGGERS = ("py.warnings", "pydicom", "highdicom", "pynetdicom")
+    _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+    # A line break or terminal escape in a value a sender chose (a UID, an AE title) would
+    # forge log lines: shown as \xNN, so one record stays one line.
+    _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        text = cls._NON_ASCII.sub("<redacted>", cls._QUOTED.sub("<redacted>", text))
+        return cls._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+    @classmethod
+    def redact_traceback(cls, text: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            # '  File "x.py", line 3, in f' and the source lines under it are code, not data
+            frame = line.startswith("  File \"") or line.startswith("    ")
+            lines.append(line if frame else cls.redact(line))
+        return "\n".join(lines)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(self._LOGGERS):
-            message = self._QUOTED.sub("<redacted>", record.getMessage())
-            record.msg, record.args = message, None
+        message = self.redact(record.getMessage())
+        record.msg, record.args = message, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.redact_traceback(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = self.redact_traceback(record.exc_text)
         return True
 
 
@@ -46,9 +71,16 @@ def _setup_logging(level: str) -> None:
     logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactLibraryValues())
-    # pynetdicom logs every PDU and highdicom every copied module at INFO; keep warnings.
-    for noisy in ("pynetdicom", "highdicom"):
+    # pynetdicom logs every PDU and highdicom every copied module at INFO; alembic one line per
+    # plugin and dialect detail (the node says which revision it migrated to); keep warnings.
+    for noisy in ("pynetdicom", "highdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # highdicom warns on every SC whose source holds a one-component PatientName: the name is
+    # the archive's own value, which DICOM allows; the output keeps it as the source has it.
+    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                            category=UserWarning)
+    # Celery's multi-line "superuser privileges" warning: said once, in one line, by cmd_worker.
+    warnings.filterwarnings("ignore", message=r"You're running the worker with superuser privileges")
 
 
 def _apply_cli_overrides(args: argparse.Namespace) -> None:
@@ -58,33 +90,80 @@ def _apply_cli_overrides(args: argparse.Namespace) -> None:
     if getattr(args, "allow_untrained", False):
         os.environ["PTX_NODE_MODEL__ALLOW_UNTRAINED"] = "true"
     if getattr(args, "checkpoint", None):
-        os.environ["PTX_NODE_MODEL__CHECKPOINT"] = json.dumps(str(Path(args.checkpoint).resolve()))
+        os.environ["PTX_NODE_MODEL__CHECKPOINT"] = str(Path(args.checkpoint).resolve())
     if getattr(args, "device", None):
-        os.environ["PTX_NODE_MODEL__DEVICE"] = json.dumps(args.device)
+        os.environ["PTX_NODE_MODEL__DEVICE"] = args.device
     if getattr(args, "port", None) is not None:
         os.environ["PTX_NODE_SCP__PORT"] = str(args.port)
     if getattr(args, "workers", None) is not None:
         os.environ["PTX_NODE_WORKER__EMBEDDED_WORKERS"] = str(args.workers)
 
 
+_loaded: NodeConfig | None = None  # for naming the database in a one-line error
+
+
 def _load(args: argparse.Namespace) -> NodeConfig:
+    global _loaded
     _apply_cli_overrides(args)
     try:
-        return load_config(os.environ.get("PTX_NODE_CONFIG") or None)
+        _loaded = load_config(os.environ.get(CONFIG_FILE_ENV) or None)
     except ConfigError as exc:
-        print(f"ptx-node: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(exc), code=2)
+    return _loaded
+
+
+def _fail(message: str, *, code: int = 1) -> typing.NoReturn:
+    """Exit with the message, one `ptx-node:` line per line of it (no traceback)."""
+    for line in message.splitlines() or [""]:
+        print(f"ptx-node: {line}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _config_source() -> str:
+    path = os.environ.get(CONFIG_FILE_ENV)
+    return f"config {path}" if path else f"no config file: built-in defaults (pass -c FILE or set {CONFIG_FILE_ENV})"
+
+
+def _database_label(config: NodeConfig) -> str:
+    return str(config.redacted()["database_url"])
+
+
+def _open_database(config: NodeConfig) -> Any:
+    """The session factory of an existing job database; a command that reads jobs never
+    creates an empty database where the admin expected theirs."""
+    from alembic.runtime.migration import MigrationContext
+
+    from node.db import get_engine, get_sessionmaker, migrate
+
+    match = re.match(r"^sqlite:///(.+)$", config.database_url)
+    if match and match.group(1) != ":memory:" and not Path(match.group(1)).exists():
+        _fail(f"no job database at {match.group(1)} ({_config_source()})")
+    with get_engine(config.database_url).connect() as connection:
+        revision = MigrationContext.configure(connection).get_current_revision()
+    if revision is None:  # a database, but not the node's: the admin named the wrong one
+        _fail(f"{_database_label(config)} holds no ptx-node jobs (no schema; `ptx-node db upgrade` creates it) "
+              f"({_config_source()})")
+    migrate(config.database_url)
+    return get_sessionmaker(config.database_url)
 
 
 # --- serve ------------------------------------------------------------------------------------
 
 
 class WorkerSupervisor:
-    """Keeps the embedded worker processes alive: a crashed worker is restarted."""
+    """Keeps the embedded worker processes alive. A worker that exits is restarted after
+    a delay that doubles with each quick failure (``first_delay_s`` up to ``max_delay_s``),
+    so one that cannot load its model retries calmly instead of every second; a worker
+    that ran ``stable_s`` before it exited starts the count over."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, first_delay_s: float = 2.0, max_delay_s: float = 60.0,
+                 stable_s: float = 60.0) -> None:
         self._count = count
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[subprocess.Popen[bytes] | None] = []
+        self._started: list[float] = []
+        self._failures: list[int] = []
+        self._restart_at: list[float] = []
+        self._first_delay_s, self._max_delay_s, self._stable_s = first_delay_s, max_delay_s, stable_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
 
@@ -96,31 +175,48 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         self._procs = [self._spawn() for _ in range(self._count)]
+        self._started = [time.monotonic()] * self._count
+        self._failures = [0] * self._count
+        self._restart_at = [0.0] * self._count
         self._thread.start()
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        return [p.pid for p in self._procs if p is not None]
+
+    def restart_delay_s(self, failures: int) -> float:
+        return min(self._max_delay_s, self._first_delay_s * 2 ** max(0, failures - 1))
 
     def _run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
             for i, proc in enumerate(self._procs):
+                if proc is None:
+                    if now >= self._restart_at[i] and not self._stop.is_set():
+                        self._procs[i], self._started[i] = self._spawn(), now
+                    continue
                 code = proc.poll()
-                if code is not None and not self._stop.is_set():
-                    log.warning("embedded worker pid %d exited with %s; restarting", proc.pid, code)
-                    self._procs[i] = self._spawn()
+                if code is None or self._stop.is_set():
+                    continue
+                ran_s = now - self._started[i]
+                self._failures[i] = 1 if ran_s >= self._stable_s else self._failures[i] + 1
+                delay = self.restart_delay_s(self._failures[i])
+                log.warning("embedded worker pid %d exited with status %s after %.0f s; restarting in %.0f s",
+                            proc.pid, code, ran_s, delay)
+                self._procs[i], self._restart_at[i] = None, now + delay
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        for proc in self._procs:
+        running = [p for p in self._procs if p is not None]
+        for proc in running:
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 20
-        for proc in self._procs:
+        for proc in running:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -130,36 +226,48 @@ class WorkerSupervisor:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     _setup_logging(config.log_level)
+    from node.broker import configure_app
     from node.db import migrate
-    from node.scp import Enqueuer, StoreSCP
+    from node.gc import RetentionThread, remove_leftover_temporaries
+    from node.preflight import config_problems, connection_problems
+    from node.probe import DestinationProber
+    from node.scp import Enqueuer, ScpConfigError, StoreSCP
     from node.sweeper import Sweeper
-    from node.tasks import configure_app
+    from node.tls import TlsConfigError
 
-    if config.model.checkpoint is None and not config.model.allow_untrained:
-        print(
-            "ptx-node: no model checkpoint configured ([model] checkpoint or --checkpoint); "
-            "pass --allow-untrained to run an untrained network (every output then says UNTRAINED)",
-            file=sys.stderr,
-        )
-        return 2
+    # Everything that can be checked is checked before a port opens (what `config check` runs).
+    problems = config_problems(config, role="serve") or connection_problems(config)
+    if problems:
+        _fail("\n".join(problems), code=2)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
-    migrate(config.database_url)
+    before, after = migrate(config.database_url)
+    log.info("database schema at revision %s%s", after, "" if before == after else f" (was {before or 'empty'})")
     configure_app(config)
+    remove_leftover_temporaries(config)  # before listening: nothing of ours is in flight
 
     enqueuer = Enqueuer(config)
+    try:
+        scp = StoreSCP(config, enqueuer)
+    except (ScpConfigError, TlsConfigError) as exc:
+        _fail(str(exc), code=2)
     enqueuer.start()
-    scp = StoreSCP(config, enqueuer)
     scp.start()
     sweeper = Sweeper(config)
     sweeper.start()
+    prober = DestinationProber(config)
+    prober.start()
+    retention = RetentionThread(config) if config.retention.enabled else None
+    if retention is not None:
+        retention.start()
     http_handle = None
     if config.http.enabled:
+        from node.http import start_http_server
+
         try:
-            from node.http import start_http_server
-        except ImportError:
-            log.warning("HTTP server not available in this build")
-        else:
             http_handle = start_http_server(config)
+        except OSError as exc:
+            scp.stop()
+            _fail(str(exc), code=2)
     supervisor = WorkerSupervisor(config.worker.embedded_workers)
     supervisor.start()
 
@@ -179,7 +287,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     stop.wait()
     scp.stop()
+    prober.stop()
     sweeper.stop()
+    if retention is not None:
+        retention.stop()
     enqueuer.stop()
     if http_handle is not None:
         http_handle.stop()
@@ -216,28 +327,21 @@ def _parse_since(value: str) -> dt.datetime:
     return parsed.astimezone(dt.UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
-def _fmt_latency(job: Any) -> str:
-    end = job.delivered_at or job.finished_at
-    if not end:
-        return ""
-    return f"{(end - job.received_at).total_seconds():.1f}s"
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     config = _load(args)
     from sqlalchemy import select
 
-    from node.db import Job, JobStatus, get_sessionmaker, migrate
+    from node.db import Job, JobStatus
 
-    migrate(config.database_url)
-    factory = get_sessionmaker(config.database_url)
+    factory = _open_database(config)
+    database = _database_label(config)
     if args.jobs_command == "show":
         with factory() as session:
             job = session.get(Job, args.id)
             if job is None:
-                print(f"ptx-node: no job {args.id}", file=sys.stderr)
+                print(f"ptx-node: no job {args.id} in {database} ({_config_source()})", file=sys.stderr)
                 return 1
-            print(json.dumps(job.summary(), indent=2, default=str))
+            print(json.dumps({"database": database, **job.summary()}, indent=2, default=str))
         return 0
     query = select(Job).order_by(Job.id.desc()).limit(args.limit)
     if args.status:
@@ -252,69 +356,146 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with factory() as session:
         jobs = list(session.scalars(query))
         if args.json:
-            print(json.dumps([j.summary() for j in jobs], indent=2, default=str))
+            print(json.dumps({"database": database, "jobs": [j.summary() for j in jobs]}, indent=2, default=str))
             return 0
+        print(f"database: {database}")
         print(format_job_table(jobs))
     return 0
 
 
-def format_job_table(jobs: list[Any]) -> str:
-    header = ("ID", "STATUS", "RECEIVED (UTC)", "MOD", "FROM", "RESULT", "MAX P", "AREA mm2", "LATENCY", "REASON")
-    rows = []
-    for job in jobs:
-        if job.positive is None:
-            result = ""
-        else:
-            result = "PTX" if job.positive else "neg"
-        rows.append((
-            str(job.id), job.status, job.received_at.strftime("%Y-%m-%d %H:%M:%S"), job.modality or "",
-            job.calling_ae or job.source, result,
-            "" if job.max_probability is None else f"{job.max_probability:.2f}",
-            "" if job.area_mm2 is None else f"{job.area_mm2:.0f}",
-            _fmt_latency(job), (job.error or "")[:60],
-        ))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    if not rows:
-        lines.append("(no jobs)")
-    return "\n".join(lines)
+def cmd_workers(args: argparse.Namespace) -> int:
+    """The workers that reported, and whether each can serve with the node's settings."""
+    config = _load(args)
+    from sqlalchemy import select
+
+    from node.db import WorkerRecord, utcnow
+    from node.metrics import WORKER_ALIVE_S
+
+    factory = _open_database(config)
+    digest = config.shared_settings_digest()
+    now = utcnow()
+    with factory() as session:
+        workers = list(session.scalars(select(WorkerRecord).order_by(WorkerRecord.last_seen.desc()).limit(args.limit)))
+    rows = [worker_state(w, digest, now, WORKER_ALIVE_S) for w in workers]
+    if args.json:
+        print(json.dumps({"database": _database_label(config), "settings_digest": digest, "workers": rows},
+                         indent=2, default=str))
+        return 0
+    print(f"database: {_database_label(config)}  (node settings digest {digest})")
+    header = ("WORKER", "DEVICE", "MODEL", "LAST SEEN (UTC)", "JOBS", "STATE", "SETTINGS")
+    table = [(r["name"], r["device"] or "", r["model"] or "", r["last_seen"], str(r["jobs_done"]), r["state"],
+              r["settings"]) for r in rows]
+    print(format_table(header, table))
+    if not table:
+        print("(no worker has reported)")
+    return 0
+
+
+def worker_state(worker: Any, node_digest: str, now: dt.datetime, alive_s: float) -> dict[str, Any]:
+    """A worker row in words: alive / gone / cannot serve (why), settings same / differ."""
+    alive = worker.last_seen >= now - dt.timedelta(seconds=alive_s)
+    if worker.serving_error:
+        state = f"cannot serve: {worker.serving_error}"
+    else:
+        state = "alive" if alive else "gone"
+    if worker.settings_digest is None:
+        settings = "unknown"
+    elif worker.settings_digest == node_digest:
+        settings = "same as node"
+    else:
+        settings = f"DIFFERENT from the node ({worker.settings_digest})"
+    model = " ".join(p for p in (worker.model_name, worker.model_version) if p) or None
+    return {"name": worker.name, "device": worker.device, "model": model,
+            "last_seen": worker.last_seen.strftime("%Y-%m-%d %H:%M:%S"), "jobs_done": worker.jobs_done or 0,
+            "alive": alive and not worker.serving_error, "state": state, "settings": settings,
+            "settings_digest": worker.settings_digest}
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
     config = _load(args)
-    from node.db import DeliveryStatus, Job, JobStatus, get_sessionmaker, migrate
-    from node.pipeline import output_files
-    from node.tasks import enqueue_job
+    from sqlalchemy import select
+
+    from node.broker import enqueue_jobs
+    from node.db import Delivery, DeliveryStatus, Job, JobStatus
+    from node.deliveries import job_objects
+
+    if args.id is None and not args.destination:
+        print("ptx-node: resend needs a job ID, or --destination NAME for all its FAILED jobs", file=sys.stderr)
+        return 2
+    if args.destination and args.destination not in {d.name for d in config.destinations}:
+        configured = ", ".join(d.name for d in config.destinations) or "none"
+        print(f"ptx-node: no destination {args.destination!r}; configured destinations: {configured}",
+              file=sys.stderr)
+        return 2
+    factory = _open_database(config)
+    print(f"database: {_database_label(config)}")
+    with factory() as session:
+        if args.id is not None:
+            job = session.get(Job, args.id)
+            if job is None:
+                print(f"ptx-node: no job {args.id} in {_database_label(config)} ({_config_source()})", file=sys.stderr)
+                return 1
+            if job.status in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RECEIVED):
+                print(f"ptx-node: job {job.id} is {job.status}; it has no outputs to resend yet", file=sys.stderr)
+                return 1
+            if not job_objects(job):
+                print(f"ptx-node: job {job.id} ({job.status}) has no output objects (SEG, SR, GSPS, SC) written; "
+                      "nothing to resend", file=sys.stderr)
+                return 1
+            jobs = [job]
+        else:
+            # Every FAILED job with a delivery to this destination that gave up.
+            jobs = list(session.scalars(
+                select(Job).where(Job.status == JobStatus.FAILED, Job.deliveries.any(
+                    (Delivery.destination == args.destination) & (Delivery.status == DeliveryStatus.FAILED)))
+                .order_by(Job.id)))
+            jobs = [job for job in jobs if job_objects(job)]
+        for job in jobs:
+            for delivery in job.deliveries:
+                if args.destination and delivery.destination != args.destination:
+                    continue
+                delivery.status = DeliveryStatus.PENDING
+                delivery.attempts = 0
+                delivery.last_error = None
+                delivery.first_failed_at = delivery.next_attempt_at = None
+            job.status = JobStatus.SENDING
+            # Clearing the token fences off a worker still holding the job: its writes now fail.
+            job.lease_until = job.lease_token = None
+            job.next_attempt_at = None
+            job.error = None
+            job.reason_code = None
+            job.delivered_at = None
+        session.commit()
+        ids = [job.id for job in jobs]
+    if args.id is None:
+        print(f"destination {args.destination}: {len(ids)} FAILED job(s) queued for re-delivery"
+              + (f" ({', '.join(map(str, ids))})" if ids else ""))
+    if ids and len(enqueue_jobs(config, ids)) < len(ids):
+        print("ptx-node: broker unreachable; the node's sweeper will send the jobs when it is back", file=sys.stderr)
+    if args.id is not None:
+        kinds = ", ".join(obj.kind for obj, _path in job_objects(jobs[0]))
+        print(f"job {args.id}: queued for re-delivery of {kinds}")
+    return 0
+
+
+# --- gc -----------------------------------------------------------------------------------------
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from node.db import migrate
+    from node.gc import collect_garbage
 
     migrate(config.database_url)
-    factory = get_sessionmaker(config.database_url)
-    with factory() as session:
-        job = session.get(Job, args.id)
-        if job is None:
-            print(f"ptx-node: no job {args.id}", file=sys.stderr)
-            return 1
-        if job.status in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RECEIVED):
-            print(f"ptx-node: job {job.id} is {job.status}; it has no outputs to resend yet", file=sys.stderr)
-            return 1
-        if not output_files(job).dicom_paths():
-            print(f"ptx-node: job {job.id} ({job.status}) has no SEG/SC written; nothing to resend", file=sys.stderr)
-            return 1
-        for delivery in job.deliveries:
-            if args.destination and delivery.destination != args.destination:
-                continue
-            delivery.status = DeliveryStatus.PENDING
-            delivery.attempts = 0
-            delivery.last_error = None
-        job.status = JobStatus.SENDING
-        job.lease_until = None
-        job.next_attempt_at = None
-        job.error = None
-        job.delivered_at = None
-        session.commit()
-    if not enqueue_job(config, args.id):
-        print("ptx-node: broker unreachable; the node's sweeper will send the job when it is back", file=sys.stderr)
-    print(f"job {args.id}: queued for re-delivery")
+    report = collect_garbage(config, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    for label, paths in (("spooled input", report.spool_files), ("output folder", report.output_dirs),
+                         ("unreferenced spool file", report.orphan_files), ("temporary file", report.temp_files)):
+        for path in paths:
+            print(f"{'would delete' if args.dry_run else 'deleted'} {label}: {path}")
+    print(report.summary())
     return 0
 
 
@@ -322,13 +503,25 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    os.environ.pop("PTX_NODE_CONFIG", None)
+    """The effective configuration, then every check `serve` (or `worker`) runs before it starts."""
+    from node.preflight import config_problems, connection_problems, worker_problem
+
+    file = args.file or getattr(args, "config", None) or os.environ.get(CONFIG_FILE_ENV)
+    os.environ.pop(CONFIG_FILE_ENV, None)
     try:
-        config = load_config(args.file)
+        config = load_config(file)
     except ConfigError as exc:
-        print(f"ptx-node: {exc}", file=sys.stderr)
-        return 2
+        _fail(str(exc), code=2)
     print(json.dumps(config.redacted(), indent=2))
+    problems = config_problems(config, role=args.role)
+    if args.connect:
+        problems += connection_problems(config)
+    if args.role == "worker" and not problems and (problem := worker_problem(config)) is not None:
+        problems.append(problem.reason)
+    if problems:
+        _fail("\n".join(problems), code=2)
+    print(f"ptx-node: {file or 'built-in defaults'}: ready to {args.role}"
+          + ("" if args.connect else " (database and broker not contacted: --no-connect)"), file=sys.stderr)
     return 0
 
 
@@ -336,13 +529,19 @@ def cmd_db(args: argparse.Namespace) -> int:
     config = _load(args)
     from node.db import migrate
 
-    migrate(config.database_url)
-    print(f"database at {config.redacted()['database_url']} is at the latest schema")
+    before, after = migrate(config.database_url)
+    database = _database_label(config)
+    if before is None:
+        print(f"database {database}: created the schema at revision {after}")
+    elif before != after:
+        print(f"database {database}: upgraded from revision {before} to {after}")
+    else:
+        print(f"database {database}: schema is current (revision {after})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from node.demo.run import run_demo
 
     return run_demo(args)
 
@@ -352,10 +551,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _setup_argparser(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ptx-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ptx-node {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", "-c", help="TOML config file (default: built-in embedded defaults)")
+        # SUPPRESS: a nested subcommand's own default must not erase `-c` given before it
+        # (`ptx-node db -c node.toml upgrade`).
+        p.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                       help=f"TOML config file (default: ${CONFIG_FILE_ENV}, else built-in embedded defaults)")
         return p
 
     serve = with_config(sub.add_parser("serve", help="run the DICOM node (SCP, sweeper, status page, embedded workers)"))
@@ -383,15 +586,31 @@ def _setup_argparser(argv: list[str] | None = None) -> argparse.Namespace:
     show = with_config(jobs_sub.add_parser("show", help="one job in full"))
     show.add_argument("id", type=int)
 
-    resend = with_config(sub.add_parser("resend", help="deliver a job's SEG/SC again"))
-    resend.add_argument("id", type=int)
-    resend.add_argument("--destination", help="only this destination")
+    workers = with_config(sub.add_parser("workers", help="workers that reported: alive, can serve, same settings"))
+    workers.add_argument("--limit", type=int, default=50)
+    workers.add_argument("--json", action="store_true")
+    workers.set_defaults(func=cmd_workers)
+
+    resend = with_config(sub.add_parser(
+        "resend", help="deliver a job's SEG/SC again, or (no ID) every FAILED job of --destination"))
+    resend.add_argument("id", type=int, nargs="?")
+    resend.add_argument("--destination", help="only this destination; without an ID: all its FAILED jobs")
     resend.set_defaults(func=cmd_resend)
+
+    gc = with_config(sub.add_parser("gc", help="delete files and rows past their retention ([retention])"))
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    gc.add_argument("--json", action="store_true")
+    gc.set_defaults(func=cmd_gc)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="print the effective config; error on bad keys")
-    check.add_argument("file")
+    check = with_config(config_sub.add_parser(
+        "check", help="print the effective config, then run every check serve (or worker) runs before it starts"))
+    check.add_argument("file", nargs="?", help=f"config file (or -c FILE, or ${CONFIG_FILE_ENV})")
+    check.add_argument("--role", choices=["serve", "worker"], default="serve",
+                       help="check as `serve` (default) or as `worker` (also loads the checkpoint, checks the device)")
+    check.add_argument("--no-connect", dest="connect", action="store_false",
+                       help="do not contact the database and the broker")
     check.set_defaults(func=cmd_config)
 
     db = with_config(sub.add_parser("db", help="database tools"))
@@ -405,13 +624,45 @@ def _setup_argparser(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--checkpoint", help="model checkpoint (default: untrained network)")
     demo.add_argument("--timeout", type=float, default=300.0)
     demo.add_argument("--no-orthanc", action="store_true", help="use the built-in receiver even if Orthanc is installed")
+    demo.add_argument("--known-mask", action="append", default=[], metavar="PNG",
+                      help="known mask of an input (file named <SOPInstanceUID>.png): print the returned SEG's Dice")
     demo.set_defaults(func=cmd_demo)
     return parser.parse_args(argv)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ptx-node")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _setup_argparser(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = describe_startup_error(exc)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def describe_startup_error(exc: BaseException) -> str | None:
+    """One line for a configuration or connection error (no traceback); None for a bug."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    if isinstance(exc, (DBAPIError, ArgumentError, NoSuchModuleError)):
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        where = f" {_database_label(_loaded)}" if _loaded is not None else ""
+        return f"job database{where}: {detail[0] if detail else type(exc).__name__}"
+    if isinstance(exc, ConfigError | PermissionError | FileNotFoundError | OSError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 if __name__ == "__main__":

@@ -12,31 +12,48 @@ from __future__ import annotations
 
 import enum
 import json
-import mmap
+import logging
 import os
-import re
 import secrets
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from node.config import Destination
+from node.status import is_refusal
 
 __all__ = [
     "DICOM_JSON",
     "DICOM_XML",
     "FailureReason",
     "MultipartError",
+    "MultipartLimitError",
+    "MultipartRelatedReader",
+    "ReceivedPart",
     "StowError",
     "StowOutcome",
     "multipart_content_type",
-    "parse_multipart_related",
+    "parse_content_type",
     "parse_stow_response",
     "stow_store",
 ]
+
+log = logging.getLogger(__name__)
+
+# Standard phrases (RFC 9110), not the server's reason phrase: that one is free text.
+_STATUS_WORDS = {
+    400: "bad request", 404: "not found (check the destination's URL)", 405: "method not allowed",
+    406: "not acceptable", 408: "request timeout", 409: "conflict", 413: "content too large",
+    415: "unsupported media type", 429: "too many requests", 500: "internal server error",
+    502: "bad gateway", 503: "service unavailable", 504: "gateway timeout",
+}
 
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
@@ -85,7 +102,15 @@ def describe_failure_reason(code: int) -> str:
 
 
 class StowError(Exception):
-    """A STOW-RS request did not store every instance; the message says why."""
+    """A STOW-RS request did not store every instance; the message says why.
+
+    ``permanent``: the origin server will never store them (SOP class not supported,
+    data set does not match, media type refused), so retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class MultipartError(ValueError):
@@ -100,74 +125,136 @@ def multipart_content_type(boundary: str, part_type: str = "application/dicom") 
     return f'multipart/related; type="{part_type}"; boundary={boundary}'
 
 
-def _parse_content_type(value: str) -> tuple[str, dict[str, str]]:
-    """Split a Content-Type header into its media type and lower-cased parameters."""
-    media, _, rest = value.partition(";")
-    params: dict[str, str] = {}
-    for match in re.finditer(r'\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*;?', rest):
-        key, raw = match.group(1).lower(), match.group(2).strip()
-        if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
-            raw = raw[1:-1].replace('\\"', '"')
-        params[key] = raw
-    return media.strip().lower(), params
+def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type header into its media type and lower-cased parameters.
+
+    python-multipart's parser: linear in the header's length (a hand-written regex here
+    once took seconds on a 24 KB value and froze the whole process).
+    """
+    media, params = parse_options_header(value)
+    return media.decode("latin-1").strip(), {
+        k.decode("latin-1").strip().lower(): v.decode("latin-1") for k, v in params.items()
+    }
 
 
-@dataclass(frozen=True)
-class Part:
-    """One body part: its headers (lower-cased names) and its byte range in the body."""
+class MultipartLimitError(MultipartError):
+    """A multipart body over one of the configured bounds (HTTP 413)."""
 
+
+@dataclass
+class ReceivedPart:
+    """One body part: its headers (lower-cased names), where its bytes went, their size."""
+
+    index: int
     headers: dict[str, str]
-    start: int
-    end: int
+    path: Path
+    size: int = 0
 
     @property
-    def content_type(self) -> str:
-        return _parse_content_type(self.headers.get("content-type", ""))[0]
+    def content_type(self) -> tuple[str, dict[str, str]]:
+        return parse_content_type(self.headers.get("content-type", ""))
 
 
-def parse_multipart_related(body: bytes | bytearray | mmap.mmap, content_type: str) -> tuple[str, list[Part]]:
-    """Split a multipart/related body; returns (root type parameter, parts).
+class MultipartRelatedReader:
+    """Streams a multipart/related body, each part's bytes straight into its own file.
 
-    Parts are byte ranges into ``body`` (bytes or an mmap of a spooled upload), so
-    large uploads are never copied whole. Raises ``MultipartError`` on a malformed body or header.
+    Feed the body with ``write(chunk)`` as it arrives, then ``finish()``. python-multipart's
+    streaming parser does the splitting; this class adds the bounds (parts, bytes per
+    part, header lines and their length) and raises ``MultipartLimitError`` the moment one
+    is passed, ``MultipartError`` on a malformed body, before reading any further.
     """
-    media, params = _parse_content_type(content_type)
-    if media != "multipart/related":
-        raise MultipartError(f"Content-Type {media or 'missing'} is not multipart/related")
-    boundary = params.get("boundary")
-    if not boundary or len(boundary) > 200:
-        raise MultipartError("multipart/related Content-Type has no valid boundary parameter")
-    data = body
-    delimiter = b"--" + boundary.encode("latin-1")
-    first = data.find(delimiter)
-    if first < 0:
-        raise MultipartError("multipart body holds no boundary delimiter")
-    parts: list[Part] = []
-    position = first + len(delimiter)
-    while True:
-        if data[position : position + 2] == b"--":
-            break  # close delimiter
-        line_end = data.find(b"\r\n", position)
-        if line_end < 0:
-            raise MultipartError("multipart body ends inside a boundary line")
-        header_end = data.find(b"\r\n\r\n", line_end)
-        if header_end < 0:
-            raise MultipartError("multipart part has no end of headers")
-        headers: dict[str, str] = {}
-        for raw_line in bytes(data[line_end + 2 : header_end]).split(b"\r\n"):
-            if not raw_line.strip():
-                continue
-            name, sep, value = raw_line.decode("latin-1").partition(":")
-            if not sep:
-                raise MultipartError(f"malformed part header line {raw_line[:60]!r}")
-            headers[name.strip().lower()] = value.strip()
-        start = header_end + 4
-        next_delimiter = data.find(b"\r\n" + delimiter, start)
-        if next_delimiter < 0:
-            raise MultipartError("multipart body has no closing boundary")
-        parts.append(Part(headers, start, next_delimiter))
-        position = next_delimiter + 2 + len(delimiter)
-    return params.get("type", ""), parts
+
+    def __init__(self, content_type: str, part_dir: Path, *, max_parts: int, max_part_bytes: int,
+                 max_header_bytes: int, max_header_lines: int = 16) -> None:
+        media, params = parse_content_type(content_type)
+        if media != "multipart/related":
+            raise MultipartError(f"Content-Type {media or 'missing'} is not multipart/related")
+        boundary = params.get("boundary", "")
+        # RFC 2046 allows 70 characters; Orthanc sends 73, so python-multipart's own bound applies.
+        if not boundary or len(boundary) > 256:
+            raise MultipartError("multipart/related Content-Type has no valid boundary parameter")
+        self.root_type = params.get("type", "").strip().lower()
+        self.parts: list[ReceivedPart] = []
+        self._part_dir = part_dir
+        self._max_parts = max_parts
+        self._max_part_bytes = max_part_bytes
+        self._max_header_bytes = max_header_bytes
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+        self._file: Any = None
+        self._ended = False
+        self._parser = MultipartParser(
+            boundary.encode("latin-1"),
+            callbacks={
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
+                "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+            max_header_count=max_header_lines,
+            max_header_size=max_header_bytes,
+        )
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            message = str(exc)
+            if "header size" in message:
+                raise MultipartLimitError(f"a part header line is longer than {self._max_header_bytes} bytes") from None
+            if "header count" in message:
+                raise MultipartLimitError("a part has too many header lines") from None
+            raise MultipartError(f"malformed multipart/related body ({message.rstrip('.')})") from None
+
+    def finish(self) -> list[ReceivedPart]:
+        self._parser.finalize()
+        if not self._ended:
+            raise MultipartError("multipart body ends before its closing boundary")
+        return self.parts
+
+    def close(self) -> None:
+        """Remove every part file (call once the parts are taken)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for part in self.parts:
+            part.path.unlink(missing_ok=True)
+
+    # parser callbacks
+    def _part_begin(self) -> None:
+        if len(self.parts) >= self._max_parts:
+            raise MultipartLimitError(f"more than {self._max_parts} parts in one request")
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        fd, name = tempfile.mkstemp(dir=self._part_dir, prefix=".stow-", suffix=".part")
+        self.parts.append(ReceivedPart(len(self.parts), self._headers, Path(name)))
+        self._file = os.fdopen(fd, "wb")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.size += end - start
+        if part.size > self._max_part_bytes:
+            raise MultipartLimitError(f"part {part.index + 1} is larger than {self._max_part_bytes} bytes")
+        self._file.write(memoryview(data)[start:end])
+
+    def _part_end(self) -> None:
+        if self._file is not None:  # a part without a header block never opened one
+            self._file.close()
+            self._file = None
+
+    def _end(self) -> None:
+        self._ended = True
 
 
 def _multipart_stream(paths: list[Path], boundary: str) -> tuple[Iterator[bytes], int]:
@@ -275,7 +362,7 @@ def parse_stow_response(content_type: str, body: bytes) -> StowOutcome | None:
     """The per-instance outcome from a STOW-RS response body; None when it has none."""
     if not body.strip():
         return None
-    media = _parse_content_type(content_type)[0]
+    media = parse_content_type(content_type)[0]
     text = body.decode("utf-8", "replace")
     if media in (DICOM_XML, "application/xml", "text/xml") or text.lstrip().startswith("<"):
         return _parse_xml_response(text)
@@ -323,25 +410,41 @@ def stow_store(dest: Destination, paths: list[Path] | list[str | os.PathLike[str
     try:
         response = httpx.post(url, content=body, headers=headers, auth=auth, timeout=dest.timeout_s)
     except httpx.HTTPError as exc:
-        raise StowError(f"STOW-RS to {dest.name} ({url}) failed: {type(exc).__name__}: {exc}") from exc
+        # words, not the exception's class and text: this becomes a job's reason (node.reasons)
+        if isinstance(exc, httpx.TimeoutException):
+            what = "timed out"
+        elif isinstance(exc, httpx.ConnectError):
+            what = "could not connect (refused or unreachable)"
+        else:
+            what = "the HTTP exchange broke off"
+        log.info("STOW-RS to %s: %s", dest.name, what, exc_info=True)
+        raise StowError(f"STOW-RS to {dest.name} ({url}) failed: {what}") from exc
 
     status = response.status_code
     try:
         outcome = parse_stow_response(response.headers.get("content-type", ""), response.content)
     except (ValueError, ET.ParseError) as exc:
         if 200 <= status < 300:
-            raise StowError(f"STOW-RS to {dest.name}: HTTP {status} with an unreadable response: {exc}") from exc
+            # The parser's text can quote the response; the reason stays words (the log has the rest).
+            log.info("STOW-RS to %s: unreadable response: %s", dest.name, exc)
+            raise StowError(f"STOW-RS to {dest.name}: HTTP {status} with a response body that is not DICOM JSON or XML") from exc
         outcome = None
     if status in (401, 403):
         raise StowError(f"STOW-RS to {dest.name}: HTTP {status}: not authorized (check username/password or token)")
     if outcome is not None and outcome.failed:
+        refused = all(code is not None and is_refusal(code) for _uid, code in outcome.failed)
         raise StowError(
             f"STOW-RS to {dest.name}: HTTP {status}: {len(outcome.failed)} of {len(files)} instance(s) failed: "
-            f"{outcome.failure_text()}"
+            f"{outcome.failure_text()}",
+            permanent=refused,
         )
     if not 200 <= status < 300:
-        detail = response.text.strip().replace("\n", " ")[:300]
-        raise StowError(f"STOW-RS to {dest.name}: HTTP {status} {response.reason_phrase}{': ' + detail if detail else ''}")
+        # The body is the server's own (an HTML page, a Java stack trace): the log keeps it, the
+        # reason a job records stays the status and its standard phrase.
+        log.info("STOW-RS to %s: HTTP %s: %s", dest.name, status, response.text.strip()[:2000])
+        phrase = _STATUS_WORDS.get(status) or f"refused (HTTP status {status})"
+        raise StowError(f"STOW-RS to {dest.name}: HTTP {status}: {phrase}; the server's answer is in the node's log",
+                        permanent=status == 415)
     if status == 202 and outcome is None:
         raise StowError(f"STOW-RS to {dest.name}: HTTP 202 (stored only some instances) without a response body")
     if outcome is None or not outcome.stored:

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import secrets
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,18 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 
-from node.config import NodeConfig
+from node.config import DEFAULT_MAX_DECODED_BYTES, NodeConfig
 from node.db import Delivery, DeliveryStatus, Job, JobStatus, get_engine, utcnow
+from node.disk import check_spool_space
+from node.durable import (
+    move_durably,
+    write_durably,  # re-exported: the spool's write lives in node.durable
+)
+from node.metrics import count_event
+from node.outputs.sanitize import check_identity
+from node.reasons import JobReason, ReasonCode, RefusedInstance, code_value
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -33,6 +41,7 @@ __all__ = [
     "IntakeResult",
     "accept_instance",
     "selection_reason",
+    "selection_verdict",
     "spool_filename",
     "write_durably",
 ]
@@ -69,29 +78,98 @@ class IntakeResult:
 
 def selection_reason(ds: Dataset, *, min_image_size: int = 256) -> str | None:
     """Why the node will not process this instance, or None for a frontal chest radiograph."""
-    modality = str(ds.get("Modality", "") or "").upper()
+    verdict = selection_verdict(ds, min_image_size=min_image_size)
+    return None if verdict is None else verdict.sentence
+
+
+def selection_verdict(
+    ds: Dataset,
+    *,
+    min_image_size: int = 256,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    transfer_syntax: str | None = None,
+) -> JobReason | None:
+    """Why the node will not process this instance (code and sentence), or None.
+
+    Reads only the header: an image whose pixels would decode to more than
+    `max_decoded_bytes` is refused before anything is decoded.
+    """
+    modality = code_value(ds.get("Modality", ""))
     if str(ds.get("Manufacturer", "") or "") == _OWN_MANUFACTURER:
-        return "output of ptx-node itself"
+        return JobReason(ReasonCode.SELECTION, "output of ptx-node itself")
     if modality not in {"CR", "DX"}:
-        return f"modality {modality or 'missing'} is not CR or DX"
-    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if body_part and body_part not in _CHEST_BODY_PARTS:
-        return f"body part {body_part} is not CHEST"
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view and view not in _FRONTAL_VIEWS:
-        return f"view position {view} is not frontal (PA/AP)"
+        shown = modality if modality else ("missing" if not ds.get("Modality") else "not a code")
+        return JobReason(ReasonCode.SELECTION, f"modality {shown} is not CR or DX")
+    body_part_text = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part_text and body_part_text not in _CHEST_BODY_PARTS:
+        shown = code_value(body_part_text) or "(not a code string)"
+        return JobReason(ReasonCode.SELECTION, f"body part {shown} is not CHEST")
+    view_text = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view_text and view_text not in _FRONTAL_VIEWS:
+        shown = code_value(view_text) or "(not a code string)"
+        return JobReason(ReasonCode.SELECTION, f"view position {shown} is not frontal (PA/AP)")
+    try:
+        check_identity(ds)
+    except RefusedInstance as refused:
+        return refused.reason
+    return _pixel_verdict(ds, min_image_size, max_decoded_bytes, transfer_syntax)
+
+
+def _header_int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    """An integer header value, or None when it is absent or not a number."""
+    if keyword not in ds:
+        return default
+    try:
+        value = ds[keyword].value
+        if value is None or value == "":
+            return default
+        return int(value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value)
+    except Exception:  # noqa: BLE001 - a broken value (wrong length, not a number) is "not a number"
+        return None
+
+
+def _pixel_verdict(ds: Dataset, min_image_size: int, max_decoded_bytes: int,
+                   transfer_syntax: str | None) -> JobReason | None:
     if "PixelData" not in ds:
-        return "no pixel data"
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return JobReason(ReasonCode.NO_PIXEL_DATA, "no pixel data")
+    frames = _header_int(ds, "NumberOfFrames", 1)
+    samples = _header_int(ds, "SamplesPerPixel", 1)
+    rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    bits = _header_int(ds, "BitsAllocated")
+    if frames is None or samples is None:
+        return JobReason(ReasonCode.BAD_PIXEL_MODULE, "NumberOfFrames or SamplesPerPixel is not a number")
     if frames != 1:
-        return f"{frames} frames; only single-frame radiographs are processed"
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+        return JobReason(ReasonCode.UNSUPPORTED_IMAGE, f"{frames} frames; only single-frame radiographs are processed")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if samples != 1 or photometric not in {"MONOCHROME1", "MONOCHROME2"}:
-        return f"not grayscale ({photometric or 'no photometric interpretation'}, {samples} samples per pixel)"
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        shown = code_value(photometric) or "no photometric interpretation"
+        return JobReason(ReasonCode.UNSUPPORTED_IMAGE,
+                         f"not grayscale ({shown}, {samples} samples per pixel)")
+    if not rows or not cols or rows < 0 or cols < 0:
+        return JobReason(ReasonCode.BAD_PIXEL_MODULE, "Rows or Columns is missing, zero or not a number")
+    if bits not in (1, 8, 16, 32):
+        return JobReason(ReasonCode.BAD_PIXEL_MODULE, "BitsAllocated is missing or not 1, 8, 16 or 32")
     if min(rows, cols) < min_image_size:
-        return f"image {cols}x{rows} is smaller than {min_image_size} px: not a radiograph to segment"
+        return JobReason(ReasonCode.IMAGE_TOO_SMALL,
+                         f"image {cols}x{rows} is smaller than {min_image_size} px: not a radiograph to segment")
+    decoded = rows * cols * max(bits, 8) // 8
+    if decoded > max_decoded_bytes:
+        return JobReason(ReasonCode.IMAGE_TOO_LARGE,
+                         f"image {cols}x{rows} at {bits} bits would decode to {decoded / 1e6:.0f} MB, "
+                         f"more than the limit of {max_decoded_bytes / 1e6:.0f} MB (scp.max_decoded_bytes)")
+    if transfer_syntax and not UID(transfer_syntax).is_compressed:
+        expected = (rows * cols * bits + 7) // 8
+        # keep_deferred: a header read with the pixel data left on disk must not load it here.
+        element = ds.get_item(0x7FE00010, keep_deferred=True)
+        if element is None:
+            length = 0
+        elif element.value is None:
+            length = getattr(element, "length", 0) or 0
+        else:
+            length = len(element.value)
+        if length < expected:
+            return JobReason(ReasonCode.PIXEL_DATA_SHORT,
+                             f"pixel data holds {length} bytes; {cols}x{rows} at {bits} bits needs {expected}")
     return None
 
 
@@ -146,33 +224,6 @@ def patient_id_hash(ds: Dataset, salt: bytes) -> str | None:
     return hashlib.sha256(salt + patient_id.encode("utf-8", "replace")).hexdigest()[:16]
 
 
-def write_durably(ds: Dataset, path: Path, *, file_meta: FileMetaDataset | None = None,
-                  encoded: bytes | None = None) -> None:
-    """Write a DICOM file so it survives a crash: temp name, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".dcm")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if encoded is not None:
-                fh.write(encoded)  # the sender's bytes as received: no re-encoding
-            else:
-                ds = Dataset(ds)
-                if file_meta is not None:
-                    ds.file_meta = file_meta
-                ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _str(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -189,39 +240,43 @@ def accept_instance(
     calling_ae: str | None = None,
     calling_host: str | None = None,
     encoded: bytes | None = None,
+    received_file: Path | None = None,
+    pixel_sha256: str | None = None,
 ) -> IntakeResult:
     """Select, spool (fsync) and record one instance; returns once the row is committed.
 
     ``encoded``: the instance as a DICOM file (preamble, meta, data set) exactly as it
-    arrived; written as is when given, else ``ds`` is encoded. Raises ``ValueError`` when
-    the dataset lacks the identifying UIDs.
+    arrived; written as is when given, else ``ds`` is encoded. ``received_file``: the
+    instance already on disk as a file (``ds`` its header, ``pixel_sha256`` its pixel
+    hash), moved into the spool. Raises ``ValueError`` when the dataset lacks the
+    identifying UIDs, ``SpoolFullError`` (before writing anything) below the disk watermark.
     """
+    check_spool_space(config)
     sop_instance_uid = _str(ds, "SOPInstanceUID")
     if not sop_instance_uid:
         raise ValueError("dataset has no SOP Instance UID")
     transfer_syntax = None
     if file_meta is not None and "TransferSyntaxUID" in file_meta:
         transfer_syntax = str(file_meta.TransferSyntaxUID)
-    pixel_sha256 = _pixel_sha256(ds)
-    reason = selection_reason(ds, min_image_size=config.scp.min_image_size)
+    pixel_sha256 = pixel_sha256 or _pixel_sha256(ds)
+    verdict = selection_verdict(ds, min_image_size=config.scp.min_image_size,
+                                max_decoded_bytes=config.scp.max_decoded_bytes, transfer_syntax=transfer_syntax)
+    reason = None if verdict is None else verdict.sentence
 
     # Core statements, not the ORM: this runs once per C-STORE, inside the sender's wait.
     engine = get_engine(config.database_url)
-    with engine.connect() as conn:
-        existing = conn.execute(
-            select(Job.id, Job.error, Job.status, Job.spool_path)
-            .where(Job.sop_instance_uid == sop_instance_uid, Job.pixel_sha256 == pixel_sha256)
-            .order_by(Job.id.desc())
-            .limit(1)
-        ).first()
+    existing = _existing_job(engine, sop_instance_uid, pixel_sha256)
+
+    def spool() -> Path:
+        path = config.spool_dir / "incoming" / spool_filename(sop_instance_uid, pixel_sha256)
+        if received_file is not None:
+            move_durably(received_file, path)
+        else:
+            write_durably(ds, path, file_meta=file_meta, encoded=encoded)
+        return path
+
     if existing is not None:
-        if existing.status == JobStatus.FAILED and existing.spool_path and Path(existing.spool_path).exists():
-            # An admin re-sending a failed study means "try again": reopen the same job.
-            _reopen_failed(engine, existing.id)
-            log.info("job %s: instance %s re-sent after failure; job reopened", existing.id, sop_instance_uid)
-            return IntakeResult(IntakeOutcome.QUEUED, existing.id, "reopened after failure")
-        log.info("job %s: instance %s received again with the same pixels", existing.id, sop_instance_uid)
-        return IntakeResult(IntakeOutcome.DUPLICATE, existing.id, existing.error)
+        return _same_image_again(engine, existing, sop_instance_uid, spool if not reason else None)
 
     received_at = utcnow()
     row = {
@@ -242,17 +297,26 @@ def accept_instance(
         "columns": int(ds.get("Columns", 0) or 0) or None,
         "pixel_sha256": pixel_sha256,
         "error": reason,
+        "reason_code": None if verdict is None else str(verdict.code),
         "received_at": received_at,
         "updated_at": received_at,
         "finished_at": received_at if reason else None,
     }
     if not reason:
         # File first, row second: a row never points at a file that is not on disk.
-        spool_path = config.spool_dir / "incoming" / spool_filename(sop_instance_uid, pixel_sha256)
-        write_durably(ds, spool_path, file_meta=file_meta, encoded=encoded)
-        row["spool_path"] = str(spool_path)
+        row["spool_path"] = str(spool())
+    # The unique key decides between two associations racing with the same image.
     with engine.begin() as conn:
-        job_id = int(conn.execute(insert(Job).values(**row)).inserted_primary_key[0])
+        inserted = conn.execute(_insert_once(engine).values(**row)
+                                .on_conflict_do_nothing(index_elements=["sop_instance_uid", "pixel_sha256"])
+                                .returning(Job.id)).first()
+        if inserted is not None:
+            count_event(conn, "ptx_jobs_received_total", {"source": source})  # commits with the row
+    if inserted is None:
+        existing = _existing_job(engine, sop_instance_uid, pixel_sha256)
+        assert existing is not None  # the row that won the race
+        return _same_image_again(engine, existing, sop_instance_uid, None)
+    job_id = int(inserted.id)
     if reason:
         log.info("job %s: SKIPPED instance %s: %s", job_id, sop_instance_uid, reason)
         return IntakeResult(IntakeOutcome.SKIPPED, job_id, reason)
@@ -260,27 +324,66 @@ def accept_instance(
     return IntakeResult(IntakeOutcome.QUEUED, job_id)
 
 
+def _insert_once(engine: Any) -> Any:
+    """INSERT ... ON CONFLICT for the job table's dialect (SQLite and PostgreSQL both have it)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(Job)
+
+
+def _existing_job(engine: Any, sop_instance_uid: str, pixel_sha256: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(Job.id, Job.error, Job.status, Job.spool_path)
+            .where(Job.sop_instance_uid == sop_instance_uid, Job.pixel_sha256 == pixel_sha256)
+            .order_by(Job.id.desc())
+            .limit(1)
+        ).first()
+
+
+def _same_image_again(engine: Any, existing: Any, sop_instance_uid: str,
+                      spool: Callable[[], Path] | None) -> IntakeResult:
+    """The image already has a job: a FAILED one is reopened, anything else stands.
+
+    ``spool`` writes the copy just received into the spool (None: do not)."""
+    spooled = bool(existing.spool_path) and Path(existing.spool_path).exists()
+    if existing.status == JobStatus.FAILED and not spooled and spool is not None:
+        # Its spool file was removed (retention, an admin): keep the one just sent.
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.id == existing.id).values(spool_path=str(spool())))
+        spooled = True
+    if existing.status == JobStatus.FAILED and spooled:
+        # An admin re-sending a failed study means "try again": reopen the same job.
+        _reopen_failed(engine, existing.id)
+        log.info("job %s: instance %s re-sent after failure; job reopened", existing.id, sop_instance_uid)
+        return IntakeResult(IntakeOutcome.QUEUED, existing.id, "reopened after failure")
+    log.info("job %s: instance %s received again with the same pixels", existing.id, sop_instance_uid)
+    return IntakeResult(IntakeOutcome.DUPLICATE, existing.id, existing.error)
+
+
 def _reopen_failed(engine: Any, job_id: int) -> None:
     """FAILED -> SENDING when its outputs are on disk (deliver them again), else RECEIVED
     (run it again); retry counters start over."""
     with engine.begin() as conn:
-        job = conn.execute(select(Job.output_dir, Job.seg_sop_instance_uid, Job.sc_sop_instance_uid)
-                           .where(Job.id == job_id)).one()
-        outputs = [Path(job.output_dir) / name for name, uid in (("seg.dcm", job.seg_sop_instance_uid),
-                                                                  ("sc.dcm", job.sc_sop_instance_uid))
-                   if job.output_dir and uid]
+        from node.deliveries import DELIVERY_ORDER
+
+        job = conn.execute(select(Job).where(Job.id == job_id)).one()
+        outputs = [Path(job.output_dir) / obj.filename for obj in DELIVERY_ORDER
+                   if job.output_dir and getattr(job, obj.uid_column, None)]
         has_outputs = bool(outputs) and all(p.exists() for p in outputs)
         conn.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.FAILED)
-            .values(status=JobStatus.SENDING if has_outputs else JobStatus.RECEIVED, attempts=0, error=None,
+            .values(status=JobStatus.SENDING if has_outputs else JobStatus.RECEIVED, attempts=0, error=None, reason_code=None,
                     lease_until=None, next_attempt_at=None, queued_at=None, delivered_at=None,
                     updated_at=utcnow())
         )
         conn.execute(
             update(Delivery)
             .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
-            .values(status=DeliveryStatus.PENDING, attempts=0)
+            .values(status=DeliveryStatus.PENDING, attempts=0, first_failed_at=None, next_attempt_at=None)
         )
 
 

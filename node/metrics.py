@@ -1,17 +1,19 @@
 """Prometheus metrics.
 
-Two sources, one exposition (the node's ``/metrics``):
+What the node's ``/metrics`` serves (every family is listed, with type and labels, in
+deploy/README.md "Monitoring"; a test keeps the two in step):
 
-- ``DatabaseCollector``: fleet-wide figures computed from the job database at
-  scrape time: jobs by status, queue depth, workers alive, per-stage latency
-  and inference-time histograms, delivery retries. Workers on any number of
-  machines write their rows; nobody shares a registry, and the figures survive a
-  node restart because the rows do.
-- A process-local registry with helpers the pipeline calls as work happens
-  (``observe_stage``, ``observe_inference``, ``inc_delivery_retry``,
-  ``inc_stow_instance``). A worker process can expose it on its own port with
-  ``start_metrics_server(port)``; under ``PROMETHEUS_MULTIPROC_DIR`` the
-  processes of one machine are aggregated (prometheus_client multiprocess mode).
+- ``DatabaseCollector``: fleet-wide figures read from the job database at scrape time.
+  Levels are gauges (jobs by status, queue depth, workers alive / able to serve).
+  Counters (``*_total``) come from the ``metric_counters`` table, which the process where
+  the event happens increments (``count_event``) and nothing decrements: they survive
+  restarts, ``resend`` and the pruning of job rows. The latency histograms are computed
+  over the job rows present.
+- The node process's own registry: STOW-RS instances it received
+  (``ptx_stow_instances_total``), which restarts from 0 with the node.
+- A worker process's own registry (``observe_stage``, ``observe_inference``): exposed
+  only by that worker with ``start_metrics_server(port)``, never by the node, whose copy
+  would read 0 (inference happens in the workers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import datetime as dt
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import start_http_server as _prometheus_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,18 +37,31 @@ from prometheus_client.core import (
     Metric,
 )
 from sqlalchemy import Float, case, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
-from node.db import Association, Delivery, Job, JobStatus, WorkerRecord, get_sessionmaker, utcnow
+from node.config import NodeConfig
+from node.db import (
+    Delivery,
+    Job,
+    JobStatus,
+    MetricCounter,
+    WorkerRecord,
+    get_engine,
+    get_sessionmaker,
+    utcnow,
+)
 
 __all__ = [
     "CONTENT_TYPE",
     "INFERENCE_BUCKETS_S",
     "JOB_STAGES",
     "STAGE_BUCKETS_S",
+    "SpoolSpaceCollector",
     "WORKER_ALIVE_S",
     "DatabaseCollector",
+    "count_event",
     "inc_delivery_retry",
     "inc_stow_instance",
     "node_registry",
@@ -53,10 +74,26 @@ __all__ = [
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# `*_created` gauges next to every counter are undocumented noise for an alerting user.
+disable_created_metrics()
 STAGE_BUCKETS_S: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 INFERENCE_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 # A worker whose heartbeat is older than this is not counted as alive.
 WORKER_ALIVE_S = 60.0
+# A worker that could not serve keeps counting this long (a supervisor retries within it).
+UNABLE_WINDOW_S = 600.0
+
+# Fleet-wide counters in the metric_counters table: name -> (help, label names).
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ptx_jobs_received_total": ("Instances received and recorded as new jobs, by source (dimse, stow).", ("source",)),
+    "ptx_jobs_failed_total": ("Jobs that ended FAILED (worker or delivery gave up).", ()),
+    "ptx_delivery_retries_total": ("Failed delivery attempts by destination (each is retried for "
+                                   "delivery.retry_window_s).", ("destination",)),
+    "ptx_associations_total": ("DICOM associations and STOW-RS requests, refused ones included.",
+                               ("protocol", "accepted")),
+    "ptx_worker_start_failures_total": ("Worker starts that ended because the worker cannot serve, by reason.",
+                                        ("reason",)),
+}
 
 # Stage name -> (later timestamp, earlier timestamp) on the job row.
 JOB_STAGES: dict[str, tuple[str, str]] = {
@@ -102,11 +139,13 @@ _DELIVERY_RETRIES = Counter(
     ["destination"],
     registry=_PROCESS_REGISTRY,
 )
+# The node process's own figures (what it observes itself), served by its /metrics.
+_NODE_REGISTRY = CollectorRegistry(auto_describe=True)
 _STOW_INSTANCES = Counter(
     "ptx_stow_instances",
-    "Instances received through STOW-RS by this process, by outcome.",
+    "Instances received through STOW-RS by this node process since it started, by outcome.",
     ["outcome"],
-    registry=_PROCESS_REGISTRY,
+    registry=_NODE_REGISTRY,
 )
 
 
@@ -121,12 +160,51 @@ def observe_inference(seconds: float) -> None:
     _INFERENCE.observe(max(0.0, float(seconds)))
 
 
-def inc_delivery_retry(destination: str) -> None:
+def inc_delivery_retry(destination: str, database_url: str | None = None) -> None:
     _DELIVERY_RETRIES.labels(destination=destination).inc()
+    if database_url:
+        count_event(database_url, "ptx_delivery_retries_total", {"destination": destination})
 
 
 def inc_stow_instance(outcome: str) -> None:
     _STOW_INSTANCES.labels(outcome=outcome).inc()
+
+
+def _label_key(labels: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+def _label_values(key: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in key.split(",")) if key else {}
+
+
+def count_event(target: str | Connection, name: str, labels: dict[str, str] | None = None, amount: float = 1) -> None:
+    """Add ``amount`` to a fleet-wide counter. ``target``: a database URL (own transaction,
+    never raises) or a connection (joins its transaction, so the count commits with the
+    event it counts). One upsert, safe against concurrent first increments."""
+    if not name.endswith("_total"):
+        raise ValueError(f"counter names end in _total, got {name!r}")
+    values = {"name": name, "labels": _label_key(labels), "value": float(amount)}
+
+    def upsert(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(MetricCounter).values(**values)
+        connection.execute(statement.on_conflict_do_update(
+            index_elements=["name", "labels"], set_={"value": MetricCounter.value + statement.excluded.value}))
+
+    if isinstance(target, Connection):
+        upsert(target)
+        return
+    try:
+        with get_engine(target).begin() as connection:
+            upsert(connection)
+    except Exception as exc:  # a lost count must not fail the job that it counts
+        import logging
+
+        logging.getLogger(__name__).warning("could not count %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
 
 
 def process_registry() -> CollectorRegistry:
@@ -236,19 +314,37 @@ class DatabaseCollector:
         queue.add_metric([], float(counts.get(JobStatus.RECEIVED, 0) + counts.get(JobStatus.QUEUED, 0)))
         yield queue
 
-        received = CounterMetricFamily("ptx_jobs_received", "Instances received (one job each).")
-        received.add_metric([], float(sum(counts.values())))
-        yield received
-
         alive_since = utcnow() - dt.timedelta(seconds=self._worker_alive_s)
         workers = GaugeMetricFamily(
-            "ptx_workers_alive", f"Workers with a heartbeat in the last {self._worker_alive_s:g} s.", labels=["device"]
+            "ptx_workers_alive", f"Workers with a heartbeat in the last {self._worker_alive_s:g} s that loaded "
+            "their model.", labels=["device"]
         )
+        serving = 0
         for device, n in session.execute(
-            select(WorkerRecord.device, func.count()).where(WorkerRecord.last_seen >= alive_since).group_by(WorkerRecord.device)
+            select(WorkerRecord.device, func.count())
+            .where(WorkerRecord.last_seen >= alive_since, WorkerRecord.serving_error.is_(None))
+            .group_by(WorkerRecord.device)
         ).all():
             workers.add_metric([device or "unknown"], float(n))
+            serving += int(n)
         yield workers
+        able = GaugeMetricFamily("ptx_workers_serving", "Workers alive and able to serve (0: jobs wait QUEUED).")
+        able.add_metric([], float(serving))
+        yield able
+        unable = GaugeMetricFamily(
+            "ptx_workers_unable_to_serve",
+            f"Workers that reported in the last {UNABLE_WINDOW_S:g} s that they cannot serve, by reason "
+            "(device_unavailable, checkpoint_invalid, checkpoint_unreadable, no_checkpoint, model_load_failed).",
+            labels=["reason"],
+        )
+        for code, n in session.execute(
+            select(WorkerRecord.serving_error_code, func.count())
+            .where(WorkerRecord.serving_error.is_not(None),
+                   WorkerRecord.last_seen >= utcnow() - dt.timedelta(seconds=UNABLE_WINDOW_S))
+            .group_by(WorkerRecord.serving_error_code)
+        ).all():
+            unable.add_metric([code or "unknown"], float(n))
+        yield unable
 
         columns: list[ColumnElement] = []
         for stage in JOB_STAGES:
@@ -272,50 +368,67 @@ class DatabaseCollector:
         infer.add_metric([], pairs, value_sum)
         yield infer
 
-        retries = CounterMetricFamily(
-            "ptx_delivery_retries", "Delivery attempts after the first, by destination.", labels=["destination"]
-        )
         deliveries = GaugeMetricFamily("ptx_deliveries", "Deliveries by destination and status.", labels=["destination", "status"])
-        retry_count = func.sum(case((Delivery.attempts > 1, Delivery.attempts - 1), else_=0))
-        by_destination: dict[str, float] = {}
-        for destination, status, n, extra in session.execute(
-            select(Delivery.destination, Delivery.status, func.count(), retry_count).group_by(
-                Delivery.destination, Delivery.status
-            )
+        for destination, status, n in session.execute(
+            select(Delivery.destination, Delivery.status, func.count()).group_by(Delivery.destination, Delivery.status)
         ).all():
             deliveries.add_metric([destination, status], float(n))
-            by_destination[destination] = by_destination.get(destination, 0.0) + float(extra or 0)
-        for destination, extra in sorted(by_destination.items()):
-            retries.add_metric([destination], extra)
-        yield retries
         yield deliveries
 
-        associations = CounterMetricFamily(
-            "ptx_associations", "DICOM associations and STOW-RS requests.", labels=["protocol", "accepted"]
-        )
-        for protocol, accepted, n in session.execute(
-            select(Association.protocol, Association.accepted, func.count()).group_by(
-                Association.protocol, Association.accepted
-            )
-        ).all():
-            associations.add_metric([protocol or "unknown", "true" if accepted else "false"], float(n))
-        yield associations
+        stored: dict[str, list[tuple[str, float]]] = {}
+        for name, labels, value in session.execute(select(MetricCounter.name, MetricCounter.labels, MetricCounter.value)):
+            stored.setdefault(name, []).append((labels, float(value)))
+        for name, (help_text, label_names) in COUNTERS.items():
+            family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=list(label_names))
+            for labels, value in sorted(stored.get(name, [])):
+                values = _label_values(labels)
+                family.add_metric([values.get(label, "") for label in label_names], value)
+            if not label_names and not stored.get(name):
+                family.add_metric([], 0.0)
+            yield family
 
 
-def node_registry(database_url: str) -> CollectorRegistry:
-    """The registry the node's /metrics serves: database figures plus this process's own."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(database_url))
-    registry.register(_ProcessCollector())
-    return registry
+class SpoolSpaceCollector:
+    """Free space on the spool's filesystem and whether intake is paused for it."""
 
+    def __init__(self, config: NodeConfig) -> None:
+        self._config = config
 
-class _ProcessCollector:
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from process_registry().collect()
+        from node.disk import spool_space
+
+        try:
+            space = spool_space(self._config)
+        except OSError:
+            return
+        yield GaugeMetricFamily("ptx_spool_free_bytes", "Free bytes on the spool's filesystem", value=space.free_bytes)
+        yield GaugeMetricFamily("ptx_spool_size_bytes", "Size of the spool's filesystem", value=space.total_bytes)
+        yield GaugeMetricFamily("ptx_spool_min_free_bytes", "Free space below which intake stops (watermark)",
+                                value=space.min_free_bytes)
+        yield GaugeMetricFamily("ptx_intake_paused", "1 while intake refuses instances for lack of disk space",
+                                value=1.0 if space.low else 0.0)
+
+
+def node_registry(database_url: str, *, config: NodeConfig | None = None) -> CollectorRegistry:
+    """The registry the node's /metrics serves: database figures plus this process's own
+    (and the spool's free space when ``config`` is given)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(database_url))
+    registry.register(_NodeProcessCollector())
+    if config is not None:
+        registry.register(SpoolSpaceCollector(config))
+    return registry
+
+
+class _NodeProcessCollector:
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from _NODE_REGISTRY.collect()
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -1,34 +1,38 @@
-"""One job, start to finish: claim the row, run the model, write SEG/SC, deliver, record.
+"""One job, start to finish: claim the row, run the model, write SEG/SR/GSPS/SC, deliver, record.
 
 Idempotent by construction:
 - the row is claimed with a conditional UPDATE and a lease, so two deliveries of
   the same message never run the job twice at once, and a DONE job is left alone;
 - output UIDs are fixed in the row before the files are written, so a re-run after
   a crash rewrites and re-sends the very same instances (the PACS keeps one copy);
-- each destination has its own delivery row, so a retry only sends where needed.
+- each output object has its own delivery row per destination, so a retry only sends what is missing.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from celery.exceptions import SoftTimeLimitExceeded
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
+from sqlalchemy import update
 
 from node.config import NodeConfig
-from node.db import Delivery, DeliveryStatus, Job, JobStatus, WorkerRecord, get_sessionmaker, utcnow
-from node.intake import write_durably
+from node.db import Job, JobStatus, WorkerRecord, db_utcnow, get_sessionmaker, utcnow
+from node.deliveries import OutputFiles, deliver_pending, delivery_state, output_files
+from node.durable import write_durably
+from node.lease import Lease, LeaseKeeper, LeaseLost, claim, hold
+from node.reasons import JobReason, ReasonCode, RefusedInstance
 
-__all__ = ["OutputFiles", "claim_job", "process_job", "worker_name"]
+# OutputFiles and output_files are re-exported (their home is node.deliveries).
+__all__ = ["OutputFiles", "claim_job", "output_files", "process_job", "worker_name"]
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +42,6 @@ _CLAIMABLE = (*_PROCESSING, JobStatus.SENDING)
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class OutputFiles:
-    seg: Path | None
-    sc: Path | None
-    png: Path | None
-
-    def dicom_paths(self) -> list[Path]:
-        return [p for p in (self.seg, self.sc) if p is not None and p.exists()]
-
-
-def output_files(job: Job) -> OutputFiles:
-    base = Path(job.output_dir) if job.output_dir else None
-    if base is None:
-        return OutputFiles(None, None, None)
-    return OutputFiles(
-        base / "seg.dcm" if job.seg_sop_instance_uid else None,
-        base / "sc.dcm" if job.sc_sop_instance_uid else None,
-        base / "overlay.png" if job.sc_sop_instance_uid else None,
-    )
 
 
 # --- the model, loaded once per process -------------------------------------------------
@@ -90,7 +73,9 @@ def get_segmenter(config: NodeConfig) -> Any:
                     device=device, input_size=config.model.untrained_input_size, tta=config.model.tta
                 )
             else:
-                raise RuntimeError(
+                from node.preparation import ModelNotConfigured
+
+                raise ModelNotConfigured(
                     "no model checkpoint configured ([model] checkpoint); "
                     "run with --allow-untrained to serve an untrained network for testing"
                 )
@@ -106,59 +91,11 @@ def get_segmenter(config: NodeConfig) -> Any:
 
 def claim_job(config: NodeConfig, job_id: int) -> Job | None:
     """Take the job's lease if nobody holds it and it has work left; None otherwise."""
-    now = utcnow()
-    factory = get_sessionmaker(config.database_url)
-    with factory() as session:
-        result = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status.in_([s.value for s in _CLAIMABLE]),
-                or_(Job.lease_until.is_(None), Job.lease_until < now),
-                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now + dt.timedelta(seconds=1)),
-            )
-            .values(
-                lease_until=now + dt.timedelta(seconds=config.worker.lease_s),
-                worker=worker_name(),
-                next_attempt_at=None,
-            )
-        )
-        session.commit()
-        if result.rowcount != 1:
-            return None
+    lease = claim(config, job_id, [s.value for s in _CLAIMABLE], worker_name())
+    if lease is None:
+        return None
+    with get_sessionmaker(config.database_url)() as session:
         return session.get(Job, job_id)
-
-
-class _LeaseKeeper:
-    """Renews the job's lease while this process works on it."""
-
-    def __init__(self, config: NodeConfig, job_id: int) -> None:
-        self._config = config
-        self._job_id = job_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    def __enter__(self) -> _LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        factory = get_sessionmaker(self._config.database_url)
-        while not self._stop.wait(self._config.worker.heartbeat_s):
-            try:
-                with factory() as session:
-                    session.execute(
-                        update(Job)
-                        .where(Job.id == self._job_id, Job.worker == worker_name())
-                        .values(lease_until=utcnow() + dt.timedelta(seconds=self._config.worker.lease_s))
-                    )
-                    session.commit()
-            except Exception:
-                log.exception("job %s: could not renew lease", self._job_id)
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -166,105 +103,120 @@ class _LeaseKeeper:
 
 def process_job(config: NodeConfig, *, job_id: int) -> str:
     """Do whatever is left of the job. Returns what happened (for logs and tests)."""
-    factory = get_sessionmaker(config.database_url)
-    job = claim_job(config, job_id)
-    if job is None:
+    lease = claim(config, job_id, [s.value for s in _CLAIMABLE], worker_name())
+    if lease is None:
         log.info("job %s: nothing to do (finished, or held by another worker)", job_id)
         return "noop"
-    with _LeaseKeeper(config, job_id):
+    with get_sessionmaker(config.database_url)() as session:
+        job = session.get(Job, job_id)
+    assert job is not None
+    with LeaseKeeper(config, lease):
         try:
-            if job.status in _PROCESSING:
-                if job.status == JobStatus.RUNNING and job.attempts >= config.worker.max_attempts:
-                    _finish(config, job_id, JobStatus.FAILED,
-                            f"gave up after {job.attempts} attempts (the worker died while processing)")
-                    return "failed"
-                _set(config, job_id, status=JobStatus.RUNNING, attempts=job.attempts + 1,
-                     started_at=job.started_at or utcnow())
-                written = _run_model_and_write(config, job_id)
-                if written.outcome != "written":
-                    return written.outcome
-                return _deliver(config, job_id, already_sent=written.early_sent)
-            return _deliver(config, job_id)
-        except Exception as exc:
-            log.exception("job %s: failed", job_id)
-            with factory() as session:
-                current = session.get(Job, job_id)
-                attempts = current.attempts if current else 0
-            if current is not None and current.status == JobStatus.RUNNING and attempts < config.worker.max_attempts:
-                delay = config.delivery.backoff_s(attempts)
-                _set(config, job_id, lease_until=None, error=f"{type(exc).__name__}: {exc}",
-                     next_attempt_at=utcnow() + dt.timedelta(seconds=delay))
-                _requeue_later(config, job_id, delay)
-                return "retry"
-            _finish(config, job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            return "failed"
+            return _run(config, lease, job)
+        except LeaseLost:
+            log.warning("job %s: lease taken over by another worker; stopped without writing", job_id)
+            return "lease-lost"
 
 
-def _set(config: NodeConfig, job_id: int, **values: Any) -> None:
+def _run(config: NodeConfig, lease: Lease, job: Job) -> str:
+    job_id = lease.job_id
+    try:
+        if job.status in _PROCESSING:
+            if job.status == JobStatus.RUNNING and job.attempts >= config.worker.max_attempts:
+                _finish(config, lease, JobStatus.FAILED, JobReason(
+                    ReasonCode.WORKER_LOST,
+                    f"gave up after {job.attempts} attempts (the worker died while processing)"))
+                return "failed"
+            _set(config, lease, status=JobStatus.RUNNING, attempts=job.attempts + 1,
+                 started_at=job.started_at or utcnow())
+            written = _run_model_and_write(config, lease)
+            if written.outcome != "written":
+                return written.outcome
+        return _deliver(config, lease)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        from node.preparation import reason_for_failure
+
+        log.exception("job %s: failed", job_id)
+        with get_sessionmaker(config.database_url)() as session:
+            current = session.get(Job, job_id)
+        timed_out = isinstance(exc, SoftTimeLimitExceeded)
+        reason = (JobReason(ReasonCode.INTERNAL,
+                            f"took longer than the task time limit ({config.worker.task_time_limit_s:.0f} s)")
+                  if timed_out else reason_for_failure(exc, job_id))
+        retry = current is not None and (
+            (current.status == JobStatus.RUNNING and current.attempts < config.worker.max_attempts)
+            or (current.status == JobStatus.SENDING and timed_out))
+        if retry:
+            # The sweeper publishes it again when next_attempt_at falls due.
+            delay = config.delivery.backoff_s(current.attempts or 1)
+            _set(config, lease, lease_until=None, error=reason.sentence, reason_code=str(reason.code),
+                 next_attempt_at=db_utcnow(delay))  # the sweeper compares it with the database's clock
+            return "retry"
+        _finish(config, lease, JobStatus.FAILED, reason)
+        return "failed"
+
+
+def _set(config: NodeConfig, lease: Lease, **values: Any) -> None:
+    """Update our job row; ``LeaseLost`` if it is no longer ours."""
     factory = get_sessionmaker(config.database_url)
     with factory() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(**values))
+        result = session.execute(update(Job).where(lease.holds()).values(**values))
         session.commit()
+    if result.rowcount != 1:
+        raise LeaseLost(f"job {lease.job_id}: lease taken over")
 
 
-def _finish(config: NodeConfig, job_id: int, status: JobStatus, error: str | None) -> None:
-    """End the job; finished_at keeps the end of processing when there was one."""
+def _finish(config: NodeConfig, lease: Lease, status: JobStatus, reason: JobReason | None) -> None:
+    """End the job with its reason (code and sentence); finished_at keeps the end of processing."""
     factory = get_sessionmaker(config.database_url)
+    error = None if reason is None else reason.sentence
     with factory() as session:
-        session.execute(update(Job).where(Job.id == job_id)
-                        .values(status=status, error=error, lease_until=None))
-        session.execute(update(Job).where(Job.id == job_id, Job.finished_at.is_(None))
+        hold(session, lease)
+        session.execute(update(Job).where(lease.holds())
+                        .values(status=status, error=error, lease_until=None,
+                                reason_code=None if reason is None else str(reason.code)))
+        session.execute(update(Job).where(lease.holds(), Job.finished_at.is_(None))
                         .values(finished_at=utcnow()))
+        if status == JobStatus.FAILED:
+            from node.metrics import count_event
+
+            count_event(session.connection(), "ptx_jobs_failed_total")
         session.commit()
-    log.info("job %s: %s%s", job_id, status, f" ({error})" if error else "")
-
-
-def _requeue_later(config: NodeConfig, job_id: int, delay_s: float) -> None:
-    from node.tasks import enqueue_job
-
-    enqueue_job(config, job_id, countdown=delay_s)
+    log.info("job %s: %s%s", lease.job_id, status, f" ({reason})" if reason else "")
 
 
 @dataclass
 class _Written:
     outcome: str
-    # Destinations that already hold some outputs (sent before the rest was ready).
-    early_sent: dict[str, set[Path]] = field(default_factory=dict)
 
 
-def _send_early(config: NodeConfig, path: Path) -> dict[str, set[Path]]:
-    """Send one finished output now, best effort; delivery proper sends what is missing."""
-    from node.delivery import DeliveryError, send_to_destination
+def _run_model_and_write(config: NodeConfig, lease: Lease) -> _Written:
+    from node.outputs import outputs_for, write_png
+    from node.preparation import build_outputs, prepare_instance
 
-    sent: dict[str, set[Path]] = {}
-    for dest in config.destinations:
-        try:
-            send_to_destination(config, dest, [path])
-        except DeliveryError as exc:
-            log.info("early send of %s to %s failed (%s); it goes with the rest", path.name, dest.name, exc)
-            continue
-        sent[dest.name] = {path}
-    return sent
-
-
-def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
-    from model import UnsupportedImageError, source_image_from_dataset
-    from node.outputs import build_overlay, build_seg, outputs_for, write_png
-
+    job_id = lease.job_id
     factory = get_sessionmaker(config.database_url)
     with factory() as session:
         job = session.get(Job, job_id)
         assert job is not None
         spool_path = job.spool_path
     if not spool_path or not Path(spool_path).exists():
-        _finish(config, job_id, JobStatus.FAILED, f"spooled file missing: {spool_path}")
+        _finish(config, lease, JobStatus.FAILED, JobReason(
+            ReasonCode.SPOOL_MISSING, "the spooled file is missing; send the instance again"))
         return _Written("failed")
-    ds = pydicom.dcmread(spool_path)
     try:
-        source = source_image_from_dataset(ds)
-    except (UnsupportedImageError, NotImplementedError, RuntimeError, ValueError) as exc:
-        _finish(config, job_id, JobStatus.SKIPPED, f"cannot decode pixels: {exc}")
+        prepared = prepare_instance(pydicom.dcmread(spool_path), config)
+    except pydicom.errors.InvalidDicomError:
+        log.info("job %s: spooled file is not readable DICOM", job_id, exc_info=True)
+        _finish(config, lease, JobStatus.SKIPPED,
+                JobReason(ReasonCode.UNDECODABLE, "the spooled file is not readable DICOM"))
         return _Written("skipped")
+    except RefusedInstance as refused:
+        _finish(config, lease, JobStatus.SKIPPED, refused.reason)
+        return _Written("skipped")
+    source = prepared.source
 
     segmenter = get_segmenter(config)
     started = time.perf_counter()
@@ -273,51 +225,47 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
 
     options = config.outputs
     plan = outputs_for(prediction, options)
-    write_seg, write_sc = plan.seg, plan.sc
 
     # Fix the UIDs first: a re-run after a crash writes and sends the same instances.
     with factory() as session:
+        hold(session, lease)
         job = session.get(Job, job_id)
         assert job is not None
         job.output_dir = job.output_dir or str(config.spool_dir / "outputs" / f"{job_id:08d}")
-        if write_seg and not job.seg_sop_instance_uid:
-            job.seg_series_instance_uid = generate_uid()
-            job.seg_sop_instance_uid = generate_uid()
-        if write_sc and not job.sc_sop_instance_uid:
-            job.sc_series_instance_uid = generate_uid()
-            job.sc_sop_instance_uid = generate_uid()
+        for kind in plan.kinds:
+            if not getattr(job, f"{kind}_sop_instance_uid"):
+                setattr(job, f"{kind}_series_instance_uid", generate_uid())
+                setattr(job, f"{kind}_sop_instance_uid", generate_uid())
         job.model_name = segmenter.name
         job.model_version = segmenter.version
         job.checkpoint_sha256 = segmenter.checkpoint_sha256
         job.untrained = bool(segmenter.untrained)
         session.commit()
         files = output_files(job)
-        uids = (job.seg_series_instance_uid, job.seg_sop_instance_uid,
-                job.sc_series_instance_uid, job.sc_sop_instance_uid)
+        uids = {kind: (getattr(job, f"{kind}_series_instance_uid"), getattr(job, f"{kind}_sop_instance_uid"))
+                for kind in plan.kinds}
 
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from node.outputs import AlgorithmInfo
+    from node.outputs import AlgorithmInfo, OutputKind
 
     algorithm = AlgorithmInfo.from_segmenter(segmenter)
     written = _Written("written")
-    if write_seg and files.seg is not None:
-        seg = build_seg(ds, prediction.mask, algorithm=algorithm, series_instance_uid=uids[0],
-                        sop_instance_uid=uids[1], options=options)
-        write_durably(seg, files.seg, file_meta=seg.file_meta)
-        if write_sc:
-            # The SEG reaches the PACS while the overlay is still being drawn.
-            written.early_sent = _send_early(config, files.seg)
-    if write_sc and files.sc is not None:
-        sc, rgb = build_overlay(ds, source.pixels, prediction, algorithm=algorithm,
-                                series_instance_uid=uids[2], sop_instance_uid=uids[3], options=options)
-        write_durably(sc, files.sc, file_meta=sc.file_meta)
-        if files.png is not None:
+    for kind in plan.kinds:  # delivery order: SEG, SR, GSPS, SC
+        path = files.path_of(kind)
+        assert path is not None
+        built = build_outputs(prepared, prediction, [kind], algorithm=algorithm, options=options, uids=uids)
+        dataset = built.objects[kind]
+        write_durably(dataset, path, file_meta=dataset.file_meta)
+        if kind is OutputKind.SEG and len(plan.kinds) > 1:
+            # The SEG reaches the PACS while the other objects (the overlay is slow) are made.
+            deliver_pending(config, lease, kinds=frozenset({"SEG"}))
+        if kind is OutputKind.SC and files.png is not None and built.rgb is not None:
             # After the SEG went out, before the job can be DONE (the demo reads it then).
-            write_png(rgb, files.png)
+            write_png(built.rgb, files.png)
 
     _set(
-        config, job_id,
+        config, lease,
         status=JobStatus.SENDING,
         positive=bool(prediction.positive),
         max_probability=float(prediction.score),
@@ -326,6 +274,8 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
         n_components=int(prediction.n_components),
         inference_ms=inference_ms,
         error=None,
+        reason_code=None,
+        header_repairs="; ".join(prepared.header.repairs) or None,
         finished_at=utcnow(),  # processing finished; delivered_at marks the delivery
     )
     log.info("job %s: %s (max p %.3f, %d px) in %.0f ms", job_id,
@@ -334,83 +284,25 @@ def _run_model_and_write(config: NodeConfig, job_id: int) -> _Written:
     return written
 
 
-def _deliver(config: NodeConfig, job_id: int, *, already_sent: dict[str, set[Path]] | None = None) -> str:
-    from node.delivery import DeliveryError, send_to_destination
-
-    factory = get_sessionmaker(config.database_url)
-    with factory() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        paths = output_files(job).dicom_paths()
-        existing = {d.destination: d for d in job.deliveries}
-        for dest in config.destinations:
-            if dest.name not in existing:
-                delivery = Delivery(job_id=job_id, destination=dest.name)
-                session.add(delivery)
-                existing[dest.name] = delivery
-        session.commit()
-        pending = [d.destination for d in existing.values() if d.status == DeliveryStatus.PENDING]
-
-    failures: list[str] = []
-    retry_in: float | None = None
-    for name in pending:
-        try:
-            dest = config.destination(name)
-        except KeyError:
-            failures.append(f"{name}: destination no longer configured")
-            continue
-        try:
-            done_early = (already_sent or {}).get(name, set())
-            missing = [p for p in paths if p not in done_early]
-            sent = len(paths) - len(missing)
-            sent += send_to_destination(config, dest, missing) if missing else 0
-        except DeliveryError as exc:
-            with factory() as session:
-                delivery = session.scalar(select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == name))
-                delivery.attempts += 1
-                delivery.last_error = str(exc)
-                attempts = delivery.attempts
-                if attempts >= config.delivery.max_attempts:
-                    delivery.status = DeliveryStatus.FAILED
-                    failures.append(f"delivery to {name} failed after {attempts} attempts: {exc}")
-                else:
-                    delay = config.delivery.backoff_s(attempts)
-                    retry_in = delay if retry_in is None else min(retry_in, delay)
-                session.commit()
-            _metric_retry(name)
-            log.warning("job %s: delivery to %s failed (attempt %d): %s", job_id, name, attempts, exc)
-            continue
-        with factory() as session:
-            delivery = session.scalar(select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == name))
-            delivery.attempts += 1
-            delivery.status = DeliveryStatus.DELIVERED
-            delivery.delivered_at = utcnow()
-            delivery.instances_sent = sent
-            delivery.last_error = None
-            session.commit()
-        log.info("job %s: delivered %d instance(s) to %s", job_id, sent, name)
-
-    if retry_in is not None:
-        _set(config, job_id, status=JobStatus.SENDING, lease_until=None,
-             next_attempt_at=utcnow() + dt.timedelta(seconds=retry_in),
-             error="; ".join(failures) or "delivery pending retry")
-        _requeue_later(config, job_id, retry_in)
+def _deliver(config: NodeConfig, lease: Lease) -> str:
+    """Send what each destination still lacks, then set the job's status from its delivery rows."""
+    job_id = lease.job_id
+    deliver_pending(config, lease)
+    state = delivery_state(config, job_id)
+    if state.next_attempt_at is not None:
+        # Released; the sweeper publishes the job again when its next attempt falls due.
+        _set(config, lease, status=JobStatus.SENDING, lease_until=None, next_attempt_at=state.next_attempt_at,
+             error="; ".join(state.failed + state.waiting))
         return "retry"
-    if failures:
-        _finish(config, job_id, JobStatus.FAILED, "; ".join(failures))
+    if state.failed:
+        _finish(config, lease, JobStatus.FAILED,
+                JobReason(ReasonCode.DELIVERY_FAILED, "; ".join(state.failed + state.refused)))
         return "failed"
-    _set(config, job_id, status=JobStatus.DONE, error=None, lease_until=None,
-         delivered_at=utcnow() if config.destinations else None)
+    # A permanent refusal (a PACS that takes no SEG) does not make the job fail; it is noted.
+    _set(config, lease, status=JobStatus.DONE, error="; ".join(state.refused) or None, reason_code=None, lease_until=None,
+         next_attempt_at=None, delivered_at=utcnow() if config.destinations else None)
     log.info("job %s: DONE", job_id)
     return "done"
-
-
-def _metric_retry(destination: str) -> None:
-    try:
-        from node.metrics import inc_delivery_retry
-    except ImportError:
-        return
-    inc_delivery_retry(destination)
 
 
 def record_worker(config: NodeConfig, segmenter: Any, *, jobs_done: int = 0) -> None:
@@ -428,6 +320,8 @@ def record_worker(config: NodeConfig, segmenter: Any, *, jobs_done: int = 0) -> 
             record.checkpoint_sha256 = segmenter.checkpoint_sha256
             record.last_seen = utcnow()
             record.jobs_done = (record.jobs_done or 0) + jobs_done
+            record.settings_digest = config.shared_settings_digest()
+            record.serving_error = record.serving_error_code = None
             session.commit()
-    except Exception:
-        log.exception("could not record worker heartbeat")
+    except Exception as exc:  # one line: the heartbeat repeats
+        log.warning("could not record worker heartbeat: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

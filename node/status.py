@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["StoreStatus", "describe_status", "is_success"]
+__all__ = ["StoreStatus", "describe_status", "is_refusal", "is_success"]
 
 
 class StoreStatus(enum.IntEnum):
@@ -26,6 +26,12 @@ class StoreStatus(enum.IntEnum):
 def is_success(code: int) -> bool:
     """Success and warnings both mean the peer stored the instance."""
     return code == StoreStatus.SUCCESS or (code & 0xF000) == 0xB000
+
+
+def is_refusal(code: int) -> bool:
+    """The peer will never store this object (SOP class not supported, data set does not
+    match the SOP class): retrying cannot help."""
+    return code == StoreStatus.SOP_CLASS_NOT_SUPPORTED or (code & 0xFF00) == 0xA900
 
 
 def describe_status(code: int) -> str:

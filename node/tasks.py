@@ -1,93 +1,16 @@
-"""The one Celery app and its one task decorator.
-
-The broker is a transport, not the source of truth: every job is a row, the task
-is idempotent (it claims the row with a lease before any work), and the sweeper
-re-enqueues rows whose message was lost (broker down at intake, worker killed).
-"""
+"""The Celery task bodies: what a worker runs for a message (publishing is node.broker)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from typing import Any
 
-from celery import Celery
-from sqlalchemy import update
+from node.broker import RUN_JOB, app, configure_app, enqueue_job, enqueue_jobs, ptx_task
+from node.config import CONFIG_FILE_ENV, NodeConfig, load_config
+from node.pipeline import process_job
 
-from node.config import NodeConfig, load_config
-from node.db import Job, JobStatus, get_sessionmaker, utcnow
-
-__all__ = ["app", "configure_app", "enqueue_job", "enqueue_jobs", "ptx_task", "run_job"]
-
-log = logging.getLogger(__name__)
-
-from node.config import CONFIG_FILE_ENV as CONFIG_ENV  # noqa: E402
-
-app = Celery("ptx_node")
-_configured_for: str | None = None
-
-
-def configure_app(config: NodeConfig) -> Celery:
-    """Point the app at the configured broker (idempotent per broker URL)."""
-    global _configured_for
-    if _configured_for == config.broker_url:
-        return app
-    transport_options: dict[str, Any] = {}
-    if config.broker_url.startswith("sqla+"):
-        from kombu.transport import sqlalchemy as kombu_sqla
-
-        # kombu hands these options to create_engine: wait on SQLite locks, don't fail.
-        transport_options["connect_args"] = {"timeout": 30}
-        # ...so the poll interval can't go there; the transport polls once a second by default.
-        kombu_sqla.Transport.polling_interval = 0.05
-        _sqlite_wal(config.broker_url.removeprefix("sqla+"))
-    elif config.broker_url.startswith(("redis://", "rediss://")):
-        # Redelivery of unacked messages after a worker vanished; the sweeper is faster.
-        transport_options["visibility_timeout"] = 3600
-    app.conf.update(
-        broker_url=config.broker_url,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        task_default_queue=config.worker.queue,
-        task_ignore_result=True,
-        result_backend=None,
-        task_serializer="json",
-        accept_content=["json"],
-        worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        broker_pool_limit=2,
-    )
-    _configured_for = config.broker_url
-    return app
-
-
-def _sqlite_wal(url: str) -> None:
-    """Put the broker's SQLite file in WAL mode (persistent in the file): one fsync per
-    publish instead of the rollback journal's several, and readers never block writers."""
-    import sqlite3
-
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    if not path or path == ":memory:":
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-
-
-def ptx_task(**options: Any):
-    """The project's only task decorator: late ack, requeue on worker loss, our queue."""
-    defaults: dict[str, Any] = {
-        "acks_late": True,
-        "reject_on_worker_lost": True,
-        "ignore_result": True,
-        "max_retries": 0,
-    }
-    defaults.update(options)
-    return app.task(**defaults)
-
+# app, configure_app, enqueue_job(s) and ptx_task are re-exported for existing callers.
+__all__ = ["app", "configure_app", "enqueue_job", "enqueue_jobs", "ptx_task", "run_job",
+           "set_worker_config", "worker_config"]
 
 _runtime_config: NodeConfig | None = None
 
@@ -96,7 +19,7 @@ def worker_config() -> NodeConfig:
     """The config a worker process runs with (from PTX_NODE_CONFIG and the environment)."""
     global _runtime_config
     if _runtime_config is None:
-        _runtime_config = load_config(os.environ.get(CONFIG_ENV) or None)
+        _runtime_config = load_config(os.environ.get(CONFIG_FILE_ENV) or None)
         configure_app(_runtime_config)
     return _runtime_config
 
@@ -107,50 +30,6 @@ def set_worker_config(config: NodeConfig) -> None:
     configure_app(config)
 
 
-@ptx_task(name="ptx.run_job")
+@ptx_task(name=RUN_JOB)
 def run_job(*, job_id: int) -> str:
-    from node.pipeline import process_job
-
     return process_job(worker_config(), job_id=job_id)
-
-
-def enqueue_job(config: NodeConfig, job_id: int, *, countdown: float | None = None) -> bool:
-    """Publish the job's task; mark the row QUEUED. Never raises: the sweeper retries."""
-    return bool(enqueue_jobs(config, [job_id], countdown=countdown))
-
-
-def enqueue_jobs(config: NodeConfig, job_ids: list[int], *, countdown: float | None = None) -> list[int]:
-    """Publish each job's task, then mark the published rows QUEUED in one commit.
-
-    Returns the ids published. Never raises: rows left unpublished stay as they are and
-    the sweeper publishes them once the broker answers again.
-    """
-    configure_app(config)
-    published: list[int] = []
-    for job_id in job_ids:
-        try:
-            run_job.apply_async(
-                kwargs={"job_id": job_id},
-                countdown=countdown,
-                retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
-            )
-        except Exception as exc:  # broker down: the sweeper re-enqueues
-            log.warning("job %s: enqueue failed (%s); the sweeper will retry", job_id, type(exc).__name__)
-            break
-        published.append(job_id)
-    if not published:
-        return published
-    try:
-        factory = get_sessionmaker(config.database_url)
-        with factory() as session:
-            session.execute(update(Job).where(Job.id.in_(published)).values(queued_at=utcnow()))
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(published), Job.status == JobStatus.RECEIVED)
-                .values(status=JobStatus.QUEUED)
-            )
-            session.commit()
-    except Exception:
-        log.exception("jobs %s: enqueued but could not mark QUEUED", published)
-    return published

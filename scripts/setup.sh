@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 if [ "${PTX_SETUP_APT:-1}" = 1 ]; then
-  echo "== Debian packages: orthanc, orthanc-dicomweb, dcmtk, dicom3tools, redis-server, chromium, docker-compose"
+  echo "== Debian packages: orthanc, orthanc-dicomweb, dcmtk, dicom3tools, pixelmed-apps, redis-server, chromium, docker-compose, prometheus"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends \
-      orthanc orthanc-dicomweb dcmtk dicom3tools redis-server \
-      chromium chromium-driver fonts-dejavu-core docker-compose systemd >/dev/null
+      orthanc orthanc-dicomweb dcmtk dicom3tools pixelmed-apps redis-server \
+      chromium chromium-driver fonts-dejavu-core docker-compose systemd prometheus >/dev/null
   # npm fetches the OHIF viewer for the browser test; keep a Node.js that is already there.
   command -v npm >/dev/null || $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi

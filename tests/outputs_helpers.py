@@ -122,3 +122,61 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     return [line for line in output.splitlines() if "Error" in line], output
+
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+# current Java refuses PixelMed's stylesheet without these (DESIGN.md)
+_XPATH_LIMITS = ["-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0"]
+_PIXELMED_BATCH = Path(__file__).parent / "validators" / "PixelMedSRBatch.java"
+
+
+def pixelmed_sr_reports(paths: list[Path]) -> dict[Path, str]:
+    """PixelMed DicomSRValidator's output for each SR, from one JVM (its stylesheets are slow to load)."""
+    from tests.services import require_service
+
+    java = require_tool("java")
+    require_service(PIXELMED_JAR.exists(), "PixelMed", "apt-get install pixelmed-apps")
+    result = subprocess.run(
+        [java, *_XPATH_LIMITS, "-cp", str(PIXELMED_JAR), str(_PIXELMED_BATCH), *map(str, paths)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports: dict[Path, str] = {}
+    for chunk in result.stdout.split("=== ")[1:]:
+        name, _, text = chunk.partition("\n")
+        reports[Path(name)] = text
+    assert set(reports) == set(paths), result.stdout[-4000:]
+    return reports
+
+
+def pixelmed_errors(report: str) -> list[str]:
+    """Error lines of a PixelMed SR report, plus a line when the TID 1500 root template was not found."""
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    if "Found Root Template TID_1500" not in report:
+        errors.append("PixelMed did not find the TID 1500 root template")
+    return errors
+
+
+def dcmpschk_errors(path: Path) -> tuple[list[str], str]:
+    """(error lines, full output) of dcmtk's presentation state checker."""
+    tool = require_tool("dcmpschk")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("E:") or "Error" in line]
+    if result.returncode != 0 and not errors:
+        errors.append(f"dcmpschk exited {result.returncode}")
+    return errors, output
+
+
+def fill_polylines(polylines: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """The union of closed polylines in DICOM image coordinates (pixel centre at +0.5), filled."""
+    canvas = np.zeros(shape, dtype=np.uint8)
+    for points in polylines:
+        vertices = np.round(np.asarray(points, dtype=np.float64) - 0.5).astype(np.int32)
+        cv2.fillPoly(canvas, [vertices.reshape(-1, 1, 2)], 1)
+    return canvas.astype(bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union

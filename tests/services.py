@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from node.config import write_config_file
-from node.pacs import LocalOrthanc, free_port, wait_until
+from node.demo.pacs import LocalOrthanc, free_port, wait_until
 from node.proc import die_with_parent
 
 REQUIRE_SERVICES = os.environ.get("PTX_REQUIRE_SERVICES", "") not in ("", "0", "false")

@@ -51,11 +51,11 @@ def test_compose_refuses_to_run_without_secrets() -> None:
 
 @pytest.mark.parametrize("relative", ["node.toml", "demo/node.toml"])
 def test_example_configs_load(relative: str) -> None:
-    config = load_config(DEPLOY / relative, environ={"PTX_NODE_HTTP__TOKEN": "t"})
+    config = load_config(DEPLOY / relative, environ={"PTX_NODE_HTTP__TOKEN": "t" * 16})
     assert config.broker_url.startswith("redis://")
     assert config.database_url.startswith("postgresql+psycopg://")
     assert config.worker.embedded_workers == 0  # production: workers are separate processes
-    assert config.http.bind_address == "0.0.0.0" and config.http.token == "t"
+    assert config.http.bind_address == "0.0.0.0" and config.http.token == "t" * 16
     assert config.destinations
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +28,10 @@ from node.db import (
     utcnow,
 )
 from node.http import HttpConfigError, HttpServerHandle, create_app, start_http_server
+from node.http.app import TOKEN_COOKIE
 from tests.services import pydicom_file
 
-TOKEN = "test-token-5f2c"
+TOKEN = "test-token-5f2c-91ab"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
@@ -116,7 +118,9 @@ def add_jobs(config: NodeConfig) -> dict[str, Job]:
                     study_instance_uid="1.2.3", modality="CR", received_at=t0, queued_at=t0,
                     started_at=t0 + dt.timedelta(seconds=1), finished_at=t0 + dt.timedelta(seconds=4),
                     delivered_at=t0 + dt.timedelta(seconds=5), inference_ms=700.0, positive=True,
-                    max_probability=0.91, area_px=1234, attempts=1, model_name="ptx-unetpp-b4", model_version="1.0"),
+                    max_probability=0.91, area_px=1234, attempts=1, model_name="ptx-unetpp-b4", model_version="1.0",
+                    seg_sop_instance_uid="1.2.3.1.1", sr_sop_instance_uid="1.2.3.1.2",
+                    gsps_sop_instance_uid="1.2.3.1.3", sc_sop_instance_uid="1.2.3.1.4"),
         "failed": Job(status=JobStatus.FAILED, source="stow", sop_instance_uid="1.2.3.2", modality="DX",
                       received_at=t0, started_at=t0 + dt.timedelta(seconds=2), finished_at=t0 + dt.timedelta(seconds=3),
                       error="delivery to pacs failed after 4 attempts: association rejected", attempts=3),
@@ -128,8 +132,9 @@ def add_jobs(config: NodeConfig) -> dict[str, Job]:
     with get_sessionmaker(config.database_url)() as session:
         session.add_all(rows.values())
         session.flush()
-        session.add(Delivery(job_id=rows["done"].id, destination="pacs", status="DELIVERED", attempts=3))
-        session.add(Delivery(job_id=rows["failed"].id, destination="pacs", status="FAILED", attempts=4,
+        session.add(Delivery(job_id=rows["done"].id, destination="pacs", object_kind="SEG", status="DELIVERED",
+                             attempts=3))
+        session.add(Delivery(job_id=rows["failed"].id, destination="pacs", object_kind="SEG", status="FAILED", attempts=4,
                              last_error="association rejected"))
         session.add(WorkerRecord(name="gpu-box-1:4242", device="cuda:0", model_name="ptx-unetpp-b4",
                                  model_version="1.0", last_seen=now))
@@ -154,17 +159,25 @@ def test_everything_else_needs_the_token(server: HttpServerHandle) -> None:
         assert "Bearer" in response.headers["www-authenticate"]
         assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(server.url + "/jobs", headers=auth()).status_code == 200
-    assert httpx.get(server.url + "/jobs", params={"token": TOKEN}).status_code == 200
+    # Never in the URL: it would end up in proxy logs and browser history.
+    in_query = httpx.get(server.url + "/jobs", params={"token": TOKEN})
+    assert in_query.status_code == 401 and "not accepted" in in_query.json()["error"]
+    assert httpx.get(server.url + "/", params={"token": TOKEN}).status_code == 401
     # HTTP Basic with the token as password: how archives configure a DICOMweb peer.
     assert httpx.get(server.url + "/jobs", auth=("anyone", TOKEN)).status_code == 200
     assert httpx.get(server.url + "/jobs", auth=("anyone", "nope")).status_code == 401
 
 
-def test_status_page_token_moves_to_a_cookie(server: HttpServerHandle) -> None:
+def test_status_page_login_form_sets_the_cookie(server: HttpServerHandle) -> None:
     with httpx.Client(base_url=server.url) as client:
-        first = client.get("/", params={"token": TOKEN})
-        assert first.status_code == 303 and first.headers["location"] == "/"
-        assert TOKEN not in first.headers["location"]
+        first = client.get("/")
+        assert first.status_code == 401 and 'id=login method=post action=login' in first.text
+        assert "Basic" not in first.headers["www-authenticate"]  # no browser pop-up over the form
+        wrong = client.post("/login", data={"token": "not-the-token-at-all"})
+        assert wrong.status_code == 401 and "Wrong token" in wrong.text and TOKEN_COOKIE not in client.cookies
+        signed_in = client.post("/login", data={"token": TOKEN})
+        assert signed_in.status_code == 303 and TOKEN not in signed_in.headers["location"]
+        assert "httponly" in signed_in.headers["set-cookie"].lower()
         page = client.get("/")  # the cookie alone now authorizes
         assert page.status_code == 200
         assert "ptx-node" in page.text and "Jobs by status" in page.text
@@ -244,7 +257,9 @@ def test_metrics_parse_as_prometheus_text(config: NodeConfig, server: HttpServer
     assert samples[("ptx_inference_seconds_sum", ())] == pytest.approx(0.7)
     assert samples[("ptx_inference_seconds_bucket", (("le", "0.5"),))] == 0
     assert samples[("ptx_inference_seconds_bucket", (("le", "1.0"),))] == 1
-    assert samples[("ptx_delivery_retries_total", (("destination", "pacs"),))] == 2 + 3
+    # Counted where a delivery fails (never derived from rows, which resend resets): none happened here.
+    assert families["ptx_delivery_retries"].type == "counter"
+    assert not [k for k in samples if k[0] == "ptx_delivery_retries_total"]
 
 
 def test_status_page_shows_jobs_workers_and_model(config: NodeConfig, server: HttpServerHandle) -> None:
@@ -261,6 +276,12 @@ def test_status_page_shows_jobs_workers_and_model(config: NodeConfig, server: Ht
     assert "gpu-box-1:4242" in html and "cuda:0" in html
     assert "ptx-unetpp-b4 1.0" in html  # the model being served, from the live worker
     assert "p50 latency" in html and "5.00 s" in html
+    # the objects written for the done job, in delivery order, each with its UID
+    objects = html.split(f'id="job-{rows["done"].id}"')[1].split("</tr>")[0]
+    spans = [(kind, uid) for kind, uid in re.findall(r'data-object="(\w+)" title="([\d.]+)"', objects)]
+    assert spans == [("seg", "1.2.3.1.1"), ("sr", "1.2.3.1.2"), ("gsps", "1.2.3.1.3"), ("sc", "1.2.3.1.4")]
+    detail = httpx.get(server.url + f"/jobs/{rows['done'].id}", headers=auth()).json()
+    assert detail["sr_sop_instance_uid"] == "1.2.3.1.2" and detail["gsps_sop_instance_uid"] == "1.2.3.1.3"
 
 
 # --- STOW-RS intake --------------------------------------------------------------------------
@@ -302,8 +323,10 @@ def test_stow_ct_is_stored_and_skipped(config: NodeConfig, server: HttpServerHan
     assert REFERENCED_SOP_SEQUENCE in response.json()
     [job] = jobs_in(config)
     assert job.status == JobStatus.SKIPPED
-    assert job.error and "modality CT" in job.error
+    assert job.error and "modality CT" in job.error and job.reason_code == "selection"
     assert job.spool_path is None
+    page = httpx.get(server.url + "/", headers=auth())
+    assert "[selection] modality CT is not CR or DX" in page.text  # the code next to the sentence
 
 
 def test_stow_garbage_part_listed_as_failed(config: NodeConfig, server: HttpServerHandle) -> None:
@@ -383,6 +406,10 @@ def test_metrics_and_status_page_on_postgresql(postgres_url: str, broker_url: st
     })
     migrate(config.database_url)
     rows = add_jobs(config)
+    from node.metrics import count_event
+
+    for _ in range(5):  # PostgreSQL's upsert (INSERT ... ON CONFLICT DO UPDATE), first and later increments
+        count_event(config.database_url, "ptx_delivery_retries_total", {"destination": "pacs"})
     handle = start_http_server(config)
     try:
         text = httpx.get(handle.url + "/metrics", headers=auth()).text

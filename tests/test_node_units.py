@@ -15,12 +15,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 from node.config import ConfigError, Destination, NodeConfig, load_config
 from node.db import Job, JobStatus, get_sessionmaker, migrate, utcnow
-from node.intake import IntakeOutcome, accept_instance, selection_reason, spool_filename
+from node.intake import (
+    IntakeOutcome,
+    accept_instance,
+    selection_reason,
+    selection_verdict,
+    spool_filename,
+)
+from node.reasons import ReasonCode, exception_text_in
 from node.status import StoreStatus, describe_status, is_success
 from node.sweeper import jobs_to_requeue
 from tests.services import pydicom_file
@@ -43,7 +52,7 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
     assert "scp.prot" in str(err.value)
-    assert "Extra inputs are not permitted" in str(err.value)
+    assert "unknown key `prot` (did you mean `port`?)" in str(err.value)
 
 
 def test_env_overrides_file_and_paths_resolve_relative_to_file(tmp_path: Path) -> None:
@@ -79,10 +88,10 @@ def test_redacted_config_masks_secrets() -> None:
     config = NodeConfig.model_validate({
         "database_url": "postgresql+psycopg://ptx:hunter2@db/ptx",
         "destinations": [{"name": "web", "kind": "stow", "url": "http://x", "password": "pw", "username": "u"}],
-        "http": {"token": "tok"},
+        "http": {"token": "tok-0123456789abcdef"},
     })
     text = json.dumps(config.redacted())
-    assert "hunter2" not in text and '"pw"' not in text and '"tok"' not in text
+    assert "hunter2" not in text and '"pw"' not in text and "tok-0123456789abcdef" not in text
 
 
 def test_backoff_doubles_up_to_the_ceiling() -> None:
@@ -106,6 +115,10 @@ def test_status_codes() -> None:
 
 def _chest(**overrides: object) -> Dataset:
     ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = "1.2.3.4.5.6.1"
+    ds.StudyInstanceUID = "1.2.3.4.5.6.2"
+    ds.SeriesInstanceUID = "1.2.3.4.5.6.3"
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
@@ -113,10 +126,14 @@ def _chest(**overrides: object) -> Dataset:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = 1024
     ds.Columns = 1024
+    ds.BitsAllocated = 16
     ds.PixelData = b"\0\0" * 4
     for key, value in overrides.items():
         if value is None:
             delattr(ds, key)
+        elif isinstance(value, bytes):  # as a broken archive stores it: pydicom would refuse to build it
+            tag = pydicom.datadict.tag_for_keyword(key)
+            ds[tag] = RawDataElement(Tag(tag), pydicom.datadict.dictionary_VR(tag), len(value), value, 0, False, True)
         else:
             setattr(ds, key, value)
     return ds
@@ -143,6 +160,39 @@ def test_selection_of_frontal_chest_radiographs(overrides: dict, reason: str | N
         assert got is None
     else:
         assert got is not None and reason in got
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code", "sentence"),
+    [
+        ({"Modality": "CT"}, ReasonCode.SELECTION, "modality CT is not CR or DX"),
+        ({"ViewPosition": "Dr. Who's view"}, ReasonCode.SELECTION, "view position (not a code string)"),
+        ({"StudyInstanceUID": None}, ReasonCode.MISSING_UID, "Study Instance UID is missing"),
+        ({"SeriesInstanceUID": "1.2.abc"}, ReasonCode.MISSING_UID, "Series Instance UID is missing or not a valid"),
+        ({"PixelData": None}, ReasonCode.NO_PIXEL_DATA, "no pixel data"),
+        ({"Rows": 16, "Columns": 16}, ReasonCode.IMAGE_TOO_SMALL, "16x16 is smaller than 256 px"),
+        ({"BitsAllocated": None}, ReasonCode.BAD_PIXEL_MODULE, "BitsAllocated"),
+        ({"Rows": 0}, ReasonCode.BAD_PIXEL_MODULE, "Rows or Columns"),
+        ({"NumberOfFrames": b"many"}, ReasonCode.BAD_PIXEL_MODULE, "not a number"),
+        ({"Rows": 60000, "Columns": 60000}, ReasonCode.IMAGE_TOO_LARGE, "60000x60000 at 16 bits would decode to 7200 MB"),
+    ],
+)
+def test_selection_verdict_gives_a_code_and_a_sentence_without_header_text(
+    overrides: dict, code: ReasonCode, sentence: str
+) -> None:
+    verdict = selection_verdict(_chest(**overrides))
+    assert verdict is not None and verdict.code == code and sentence in verdict.sentence, verdict
+    assert "Who" not in verdict.sentence and exception_text_in(verdict.sentence) is None
+
+
+def test_pixel_data_shorter_than_the_header_says_is_skipped_before_decoding() -> None:
+    verdict = selection_verdict(_chest(), transfer_syntax=ExplicitVRLittleEndian)
+    assert verdict is not None and verdict.code == ReasonCode.PIXEL_DATA_SHORT
+    assert "holds 8 bytes; 1024x1024 at 16 bits needs 2097152" in verdict.sentence
+    # compressed pixel data has no expected length: not judged here
+    assert selection_verdict(_chest(), transfer_syntax=JPEGLosslessSV1) is None
+    limit = selection_verdict(_chest(), max_decoded_bytes=1024 * 1024)
+    assert limit is not None and limit.code == ReasonCode.IMAGE_TOO_LARGE
 
 
 def test_real_inputs_are_selected_or_skipped_for_the_right_reason() -> None:
@@ -259,13 +309,14 @@ def test_skipped_instances_leave_a_row_with_the_reason_and_no_file(tmp_path: Pat
     with get_sessionmaker(config.database_url)() as session:
         job = session.get(Job, result.job_id)
         assert job.status == JobStatus.SKIPPED and "not frontal" in job.error and job.finished_at
+        assert job.reason_code == "selection"
         assert job.spool_path is None
     assert not list((tmp_path / "spool").rglob("*.dcm"))
 
 
 def test_intake_refuses_a_dataset_without_uid(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    ds = _chest()
+    ds = _chest(SOPInstanceUID=None)
     with pytest.raises(ValueError, match="no SOP Instance UID"):
         accept_instance(ds, file_meta=None, config=config)
 
@@ -300,6 +351,17 @@ def test_sweeper_finds_exactly_the_jobs_whose_message_was_lost(tmp_path: Path) -
             ids[job.id] = name
         session.commit()
     found = {ids[i] for i in jobs_to_requeue(config, now=now)}
+    # "queued long ago" waits behind a job being worked on: a backlog, not a lost message.
+    assert found == {"never published", "running, lease expired", "retry due"}
+    # Nothing is being worked on or was claimed lately, yet a worker is alive: the queue stalled.
+    from node.db import WorkerRecord
+
+    with get_sessionmaker(config.database_url)() as session:
+        running = next(i for i, name in ids.items() if name == "running, lease valid")
+        session.get(Job, running).status = JobStatus.DONE
+        session.add(WorkerRecord(name="w:1", last_seen=ago(5), started_at=ago(100)))
+        session.commit()
+    found = {ids[i] for i in jobs_to_requeue(config, now=now)}
     assert found == {"never published", "queued long ago", "running, lease expired", "retry due"}
 
 
@@ -314,7 +376,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_config_check_prints_effective_config_and_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text('[scp]\nport = 11999\n[http]\ntoken = "secret-token"\n')
+    good.write_text('[scp]\nport = 11999\n[http]\ntoken = "secret-token-0123456789"\n[model]\nallow_untrained = true\n')
     out = _cli("config", "check", str(good), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     effective = json.loads(out.stdout)
@@ -341,22 +403,25 @@ def test_cli_jobs_lists_filters_and_shows(tmp_path: Path) -> None:
         session.add_all([
             Job(sop_instance_uid="1.2.3", status=JobStatus.DONE, modality="CR", positive=True, max_probability=0.91,
                 area_mm2=1234.0, received_at=utcnow(), finished_at=utcnow()),
-            Job(sop_instance_uid="1.2.4", status=JobStatus.SKIPPED, modality="CT", error="modality CT is not CR or DX"),
+            Job(sop_instance_uid="1.2.4", status=JobStatus.SKIPPED, modality="CT", error="modality CT is not CR or DX",
+                reason_code="selection"),
         ])
         session.commit()
     table = _cli("jobs", "--config", str(cfg), cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     assert "DONE" in table.stdout and "PTX" in table.stdout and "0.91" in table.stdout
-    assert "modality CT is not CR or DX" in table.stdout
+    assert "[selection] modality CT is not CR or DX" in table.stdout  # the code next to the sentence
     skipped = _cli("jobs", "--config", str(cfg), "--status", "skipped", "--json", cwd=tmp_path)
-    rows = json.loads(skipped.stdout)
-    assert [r["sop_instance_uid"] for r in rows] == ["1.2.4"]
+    listing = json.loads(skipped.stdout)
+    assert listing["database"] == config.database_url  # which database was read
+    assert [r["sop_instance_uid"] for r in listing["jobs"]] == ["1.2.4"]
+    assert listing["jobs"][0]["reason_code"] == "selection"
     bad = _cli("jobs", "--config", str(cfg), "--status", "WAITING", cwd=tmp_path)
     assert bad.returncode == 2 and "valid:" in bad.stderr
     show = _cli("jobs", "show", "1", "--config", str(cfg), cwd=tmp_path)
     assert show.returncode == 0 and json.loads(show.stdout)["max_probability"] == 0.91
     missing = _cli("resend", "2", "--config", str(cfg), cwd=tmp_path)
-    assert missing.returncode == 1 and "no SEG/SC" in missing.stderr
+    assert missing.returncode == 1 and "no output objects" in missing.stderr
 
 
 # --- the task's idempotency ----------------------------------------------------------------------------------
@@ -366,8 +431,8 @@ def test_process_job_finishes_a_half_done_job_and_leaves_a_done_job_alone(tmp_pa
     import shutil
 
     from node.db import Delivery, DeliveryStatus
+    from node.demo.receiver import FolderReceiver
     from node.pipeline import process_job
-    from node.receiver import FolderReceiver
 
     receiver = FolderReceiver(tmp_path / "pacs", ae_title="PACS").start()
     try:
@@ -430,3 +495,36 @@ def test_written_config_files_load_back_identically(tmp_path: Path) -> None:
     relative = {"database_url", "broker_url"}
     assert config.model_dump(exclude=relative) == expected.model_dump(exclude=relative)
     assert config.scp.allowed_callers[0].host == "10.0.0.5" and config.destinations[1].kind == "stow"
+
+
+def test_logs_and_tracebacks_carry_no_header_values() -> None:
+    import logging
+
+    from node.cli import RedactLibraryValues
+
+    record = logging.LogRecord("node.pipeline", logging.ERROR, __file__, 1, "job %s: %r", (7, "Smith^John"), None)
+    name, city = "Smith" + "^John", "Пет" + "ров"  # a header value, not source text the traceback quotes
+    try:
+        raise ValueError(f"Invalid value for VR PN: {name!r} from {city}")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    RedactLibraryValues().filter(record)
+    text = logging.Formatter().format(record)
+    assert "job 7" in text and "Traceback" in text and 'File "' in text
+    assert "Smith" not in text and "Петров" not in text, text
+
+
+def test_a_model_load_failure_is_recorded_in_words_not_the_library_text() -> None:
+    from model.checkpoint import CheckpointError
+    from node.config import load_config
+    from node.worker import _load_failure_reason
+
+    config = load_config(None, environ={}, overrides={"model": {"device": "cpu"}})
+    torch_text = RuntimeError("Error(s) in loading state_dict for UnetPlusPlus:\n\tsize mismatch for encoder._conv_stem")
+    reason = _load_failure_reason(torch_text, config)
+    assert reason == "the network could not be built or run on cpu (the worker's log has the details)"
+    sentence = "The weights file does not match the sha256 in manifest.json (it was changed or damaged)."
+    assert _load_failure_reason(CheckpointError(sentence), config) == sentence
+    assert _load_failure_reason(MemoryError(), config) == "not enough memory on cpu for the network"

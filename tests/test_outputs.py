@@ -16,7 +16,7 @@ from pydicom.valuerep import validate_value
 
 from node.outputs import (
     AlgorithmInfo,
-    NegativePolicy,
+    OutputKind,
     OutputOptions,
     OutputPlan,
     build_overlay,
@@ -78,13 +78,26 @@ def _banner_rows(rgb: np.ndarray) -> np.ndarray:
 def test_options_defaults_and_validation() -> None:
     options = OutputOptions()
     assert options.diagnostic_disclaimer is True
-    assert options.negative_policy is NegativePolicy.SC_ONLY
+    assert options.positive == ("seg", "sr", "gsps", "sc") and options.negative == ("sr", "sc")
     assert (options.seg_series_number, options.sc_series_number) == (9901, 9902)
-    assert OutputOptions(negative_policy="seg_and_sc").negative_policy is NegativePolicy.SEG_AND_SC
+    assert (options.sr_series_number, options.gsps_series_number) == (9903, 9904)
+    assert OutputOptions(negative=["seg", "sc"]).negative == (OutputKind.SEG, OutputKind.SC)
     for bad in ({"fill_opacity": 1.5}, {"outline_color": (0, 0, 300)}, {"unknown_key": 1},
-                {"negative_policy": "sometimes"}, {"seg_series_number": 5, "sc_series_number": 5}):
+                {"negative": ["pdf"]}, {"positive": ["seg", "seg"]}, {"seg_series_number": 5, "sc_series_number": 5},
+                {"sr_series_number": 9904}):
         with pytest.raises(pydantic.ValidationError):
             OutputOptions(**bad)
+
+
+@pytest.mark.parametrize("old", [{"write_seg": False}, {"write_sc": True}, {"negative_policy": "seg_and_sc"}])
+def test_replaced_output_keys_are_refused_naming_the_new_ones(old: dict, tmp_path: Path) -> None:
+    from node.config import ConfigError, load_config, write_config_file
+
+    path = write_config_file(tmp_path / "node.toml", {"outputs": old})
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={})
+    message = str(refused.value)
+    assert next(iter(old)) in message and "positive = [" in message and "negative = [" in message
 
 
 def test_algorithm_info_validation() -> None:
@@ -99,20 +112,21 @@ def test_algorithm_info_validation() -> None:
 
 
 @pytest.mark.parametrize(
-    ("positive", "policy", "expected"),
+    ("positive", "settings", "expected"),
     [
-        (True, "sc_only", OutputPlan(seg=True, sc=True)),
-        (True, "none", OutputPlan(seg=True, sc=True)),
-        (False, "sc_only", OutputPlan(seg=False, sc=True)),
-        (False, "seg_and_sc", OutputPlan(seg=True, sc=True)),
-        (False, "none", OutputPlan(seg=False, sc=False)),
+        (True, {}, ("seg", "sr", "gsps", "sc")),
+        (False, {}, ("sr", "sc")),
+        (True, {"positive": ["sc", "gsps", "seg"]}, ("seg", "gsps", "sc")),  # delivery order, not list order
+        (False, {"negative": ["sc", "seg"]}, ("seg", "sc")),
+        (False, {"negative": []}, ()),
+        (True, {"positive": ["sr"], "negative": ["seg"]}, ("sr",)),
     ],
 )
-def test_outputs_for_negative_policy(positive: bool, policy: str, expected: OutputPlan) -> None:
+def test_outputs_for_follows_positive_and_negative(positive: bool, settings: dict, expected: tuple) -> None:
     mask = ellipse_mask((64, 64)) if positive else np.zeros((64, 64), bool)
-    assert outputs_for(prediction_for(mask, None), OutputOptions(negative_policy=policy)) == expected
-    disabled = OutputOptions(negative_policy=policy, write_seg=False)
-    assert outputs_for(prediction_for(mask, None), disabled).seg is False
+    plan = outputs_for(prediction_for(mask, None), OutputOptions(**settings))
+    assert plan == OutputPlan(tuple(OutputKind(k) for k in expected))
+    assert plan.seg is ("seg" in expected) and plan.empty is (not expected)
 
 
 # --------------------------------------------------------------------------- sanitize
@@ -238,7 +252,7 @@ def test_seg_and_sc_are_valid_and_round_trip(name: str, tmp_path: Path) -> None:
 def test_empty_mask_seg_keeps_its_frame(tmp_path: Path) -> None:
     source = pydicom.dcmread(synthetic_cr(tmp_path / "cr.dcm"))
     empty = np.zeros((int(source.Rows), int(source.Columns)), bool)
-    seg = build_seg(source, empty, algorithm=TRAINED, options=OutputOptions(negative_policy="seg_and_sc"), **_uids())
+    seg = build_seg(source, empty, algorithm=TRAINED, options=OutputOptions(negative=["seg", "sc"]), **_uids())
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     _assert_valid(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,11 @@ import torch
 from trainer.config import RuntimeOptions, SamplerOptions
 from trainer.data import CachedSet
 
-__all__ = ["BatchSource", "epoch_order", "shard_batches"]
+__all__ = ["BatchObserver", "BatchSource", "epoch_order", "shard_batches"]
+
+#: Called with (purpose, cache indices, images, masks) for every batch a source serves:
+#: "train", "validation" (early stopping, checkpoint choice) or "threshold_search".
+BatchObserver = Callable[[str, np.ndarray, torch.Tensor, torch.Tensor], None]
 
 
 def epoch_order(
@@ -74,14 +78,27 @@ class BatchSource:
 
     On CUDA the whole cache is copied to GPU memory once when it fits (``data_on_device``),
     so a step costs one gather; otherwise host threads gather from the memory map into
-    pinned buffers ahead of the step and copy them asynchronously.
+    pinned buffers ahead of the step and copy them asynchronously. A ``host_augment``
+    (albumentations, per sample) runs on those threads for training batches, and keeps the
+    data on the host. ``observer`` sees every batch served (what split discipline is
+    checked against).
     """
 
-    def __init__(self, cache: CachedSet, device: torch.device, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        cache: CachedSet,
+        device: torch.device,
+        options: RuntimeOptions,
+        *,
+        host_augment: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.cache = cache
         self.device = device
         self.options = options
-        self.on_device = self._decide_on_device()
+        self.host_augment = host_augment
+        self.observer = observer
+        self.on_device = host_augment is None and self._decide_on_device()
         if self.on_device:
             with warnings.catch_warnings():  # read-only memory map: torch copies it to the GPU anyway
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -98,12 +115,16 @@ class BatchSource:
         free, _total = torch.cuda.mem_get_info(self.device)
         return needed < free // 4
 
-    def _gather_host(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_host(self, batch: np.ndarray, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.argsort(batch)  # ascending reads are kinder to the page cache
         images = np.empty((len(batch), *self.cache.images.shape[1:]), np.float16)
         masks = np.empty((len(batch), *self.cache.masks.shape[1:]), np.uint8)
         images[order] = self.cache.images[batch[order]]
         masks[order] = self.cache.masks[batch[order]]
+        if augment and self.host_augment is not None:
+            augmented = [self.host_augment(image.astype(np.float32), mask) for image, mask in zip(images, masks, strict=True)]
+            images = np.stack([image for image, _ in augmented]).astype(np.float16)
+            masks = np.stack([mask for _, mask in augmented]).astype(np.uint8)
         images_t, masks_t = torch.from_numpy(images), torch.from_numpy(masks)
         if self.device.type == "cuda":
             images_t, masks_t = images_t.pin_memory(), masks_t.pin_memory()
@@ -114,7 +135,16 @@ class BatchSource:
         masks = masks.to(self.device, non_blocking=True).unsqueeze(1).float()
         return images, masks
 
-    def batches(self, index_batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, index_batches: Sequence[np.ndarray], *, purpose: str = "train", augment: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Device batches of ``index_batches``; ``augment`` applies the host augmentation."""
+        for batch, (images, masks) in zip(index_batches, self._batches(index_batches, augment), strict=True):
+            if self.observer is not None:
+                self.observer(purpose, np.asarray(batch), images, masks)
+            yield images, masks
+
+    def _batches(self, index_batches: Sequence[np.ndarray], augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.on_device:
             for batch in index_batches:
                 index = torch.from_numpy(np.asarray(batch, dtype=np.int64)).to(self.device, non_blocking=True)
@@ -124,14 +154,14 @@ class BatchSource:
         pending: deque[concurrent.futures.Future] = deque()
         iterator = iter(index_batches)
         for batch in iterator:
-            pending.append(self._pool.submit(self._gather_host, np.asarray(batch)))
+            pending.append(self._pool.submit(self._gather_host, np.asarray(batch), augment))
             if len(pending) >= depth:
                 break
         while pending:
             images, masks = pending.popleft().result()
             next_batch = next(iterator, None)
             if next_batch is not None:
-                pending.append(self._pool.submit(self._gather_host, np.asarray(next_batch)))
+                pending.append(self._pool.submit(self._gather_host, np.asarray(next_batch), augment))
             yield self._finish(images, masks)
 
     def close(self) -> None:

@@ -24,12 +24,14 @@ __all__ = [
     "AugmentOptions",
     "ConfigError",
     "EarlyStoppingOptions",
+    "EvaluationOptions",
     "LossOptions",
     "Monitor",
     "NetworkOptions",
     "OptimOptions",
     "RuntimeOptions",
     "SamplerOptions",
+    "SearchObjective",
     "SplitOptions",
     "ThresholdSearchOptions",
     "TrainConfig",
@@ -63,6 +65,8 @@ class NetworkOptions(_Strict):
     encoder_weights: str = "none"
     # Dropout2d rates on encoder features, bottleneck first (model.network convention).
     layer_dropout: tuple[float, ...] | None = None
+    # Decoder widths, deepest first; None: segmentation-models-pytorch's default.
+    decoder_channels: tuple[int, int, int, int, int] | None = None
 
     @field_validator("architecture")
     @classmethod
@@ -80,12 +84,37 @@ class NetworkOptions(_Strict):
 
 
 class AugmentOptions(_Strict):
-    """Augmentations applied on the training device, per sample."""
+    """Per-sample training augmentations (trainer.augment): probability 0 turns one off.
+
+    kornia on the training device: hflip, affine, resized crop, elastic, Gaussian noise;
+    albumentations on the loader threads: optical distortion. Brightness and contrast act
+    in units of each image's own standard deviation.
+    """
 
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
     brightness_contrast_p: float = Field(0.0, ge=0.0, le=1.0)
     brightness: float = Field(0.2, ge=0.0, le=2.0)  # max shift, in units of the image's std
     contrast: float = Field(0.2, ge=0.0, lt=1.0)  # max relative change of contrast
+    affine_p: float = Field(0.0, ge=0.0, le=1.0)
+    affine_degrees: float = Field(0.0, ge=0.0, le=180.0)  # rotation in [-d, d]
+    affine_translate: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of the side
+    affine_scale: tuple[float, float] = (1.0, 1.0)
+    crop_p: float = Field(0.0, ge=0.0, le=1.0)  # random resized crop, back to the input size
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # area fraction kept
+    elastic_p: float = Field(0.0, ge=0.0, le=1.0)
+    elastic_alpha: float = Field(1.0, gt=0.0)  # displacement scale (kornia, normalized coordinates)
+    elastic_sigma: float = Field(16.0, gt=0.0)  # smoothness of the displacement field, pixels
+    noise_p: float = Field(0.0, ge=0.0, le=1.0)
+    noise_std: float = Field(0.05, ge=0.0)  # in network-input units
+    optical_distortion_p: float = Field(0.0, ge=0.0, le=1.0)
+    optical_distortion_limit: float = Field(0.05, ge=0.0, le=1.0)
+
+    @field_validator("affine_scale", "crop_scale")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1]:
+            raise ValueError("a range must be (low, high) with 0 < low <= high")
+        return value
 
 
 class LossOptions(_Strict):
@@ -129,13 +158,40 @@ class EarlyStoppingOptions(_Strict):
     monitor: Monitor = Monitor.DICE
     patience: int = Field(15, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
+    # Per-epoch validation with the recipe's TTA (the UNet++ seed validates with hflip TTA).
+    validation_tta: bool = False
 
 
 class SplitOptions(_Strict):
+    """``test_fraction`` > 0 sets a stratified test split aside first; nothing but the final
+    evaluation ever sees it (early stopping, checkpoint, threshold and fold choice use
+    validation only)."""
+
     kind: Literal["holdout", "kfold"] = "holdout"
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # k-fold only: images no fold trains or validates on, where a fold ensemble's
+    # postprocess is searched (serve.ensemble); 0: the ensemble reuses one fold's.
+    tune_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     folds: int = Field(5, ge=2)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitOptions:
+        if self.kind == "holdout" and self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave images for training")
+        if self.kind == "holdout" and self.tune_fraction:
+            raise ValueError("tune_fraction is for k-fold runs (a fold ensemble's postprocess)")
+        if self.test_fraction + self.tune_fraction >= 1.0:
+            raise ValueError("test_fraction + tune_fraction must leave images for the folds")
+        return self
+
+
+class ServeOptions(_Strict):
+    """What ``out/`` serves besides ``checkpoint`` (the best fold)."""
+
+    # k-fold: also write out/ensemble, the mean of every trained fold's probabilities.
+    ensemble: bool = False
 
 
 class SamplerOptions(_Strict):
@@ -147,9 +203,18 @@ class SamplerOptions(_Strict):
     positive_fraction_end: float = Field(0.4, gt=0.0, lt=1.0)
 
 
+class SearchObjective(enum.StrEnum):
+    """What the post-processing grid search maximises on the validation images."""
+
+    DICE = "dice"  # mean per-image Dice, 1 when both empty (the challenge metric)
+    IOU = "iou"  # mean per-image IoU, 1 when both empty
+    PIXEL_IOU = "pixel_iou"  # IoU pooled over every pixel of every image
+
+
 class ThresholdSearchOptions(_Strict):
     """Grid searched on validation predictions; areas in pixels at 1024x1024 (model.postprocess)."""
 
+    objective: SearchObjective = SearchObjective.DICE
     mode: PostprocessMode = PostprocessMode.THRESHOLD
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
     min_areas: tuple[int, ...] = (0, 250, 500, 1000, 2000, 3000)
@@ -172,11 +237,23 @@ class ThresholdSearchOptions(_Strict):
         return values
 
 
+class EvaluationOptions(_Strict):
+    """How ``ptx-train evaluate`` scores this recipe's checkpoints."""
+
+    # Side of the square grid pixel-level metrics are counted on (the resolution the paper
+    # scored); None: each image's own source resolution.
+    score_size: int | None = Field(None, ge=32)
+
+
 class TrainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,80}$")
     description: str = ""
     seed: int = 0
     version: str = "0.1.0"
+    # Name in the checkpoint manifest (and so in every output the node writes); default: name.
+    model_name: str | None = Field(None, min_length=1, max_length=64)
+    # A warning every output of the served model carries (model.checkpoint.Manifest.caveat).
+    caveat: str = Field("", max_length=64)
     network: NetworkOptions = NetworkOptions()
     # model.preprocess.PreprocessConfig fields; checked by PreprocessConfig itself.
     preprocess: dict[str, Any] = Field(default_factory=dict)
@@ -188,7 +265,15 @@ class TrainConfig(_Strict):
     split: SplitOptions = SplitOptions()
     sampler: SamplerOptions = SamplerOptions()
     threshold_search: ThresholdSearchOptions = ThresholdSearchOptions()
+    evaluation: EvaluationOptions = EvaluationOptions()
+    serve: ServeOptions = ServeOptions()
     tta: tuple[Literal["hflip"], ...] = ("hflip",)
+
+    @model_validator(mode="after")
+    def _ensemble_needs_folds(self) -> TrainConfig:
+        if self.serve.ensemble and self.split.kind != "kfold":
+            raise ValueError("serve.ensemble needs split.kind = 'kfold' (an ensemble of the folds)")
+        return self
 
     @field_validator("preprocess")
     @classmethod

@@ -42,6 +42,8 @@ __all__ = [
     "Sample",
     "Split",
     "SplitKind",
+    "TEST_FOLD",
+    "TUNE_FOLD",
     "build_cache",
     "cache_from_arrays",
     "default_cache_dir",
@@ -79,6 +81,7 @@ class Sample:
     mask_path: Path | None = None  # PNG layouts
     rle_rows: tuple[str, ...] = ()  # SIIM DICOM layout
     rle_encoding: rle.RleEncoding = rle.RleEncoding.RELATIVE
+    rle_absolute_start: int = 0  # first pixel index of an absolute RLE file (0 or 1)
     group: str = ""  # PTX-498 site
 
     @property
@@ -116,8 +119,20 @@ def _find_label_file(root: Path) -> Path | None:
     return None
 
 
+#: Environment setting for the absolute-RLE convention (see trainer.rle.decode).
+RLE_ABSOLUTE_START_ENV = "PTX_TRAIN_RLE_ABSOLUTE_START"
+
+
+def _rle_absolute_start() -> int:
+    value = os.environ.get(RLE_ABSOLUTE_START_ENV, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{RLE_ABSOLUTE_START_ENV} must be 0 or 1, got {value!r}.")
+    return int(value)
+
+
 def _discover_siim_dicom(root: Path, labels_file: Path) -> DataSource:
     table = rle.read_rle_csv(labels_file)
+    start = _rle_absolute_start() if table.encoding is rle.RleEncoding.ABSOLUTE else 0
     files = {path.stem: path for path in root.rglob("*.dcm")}
     samples = []
     for image_id in table.image_ids:
@@ -125,7 +140,8 @@ def _discover_siim_dicom(root: Path, labels_file: Path) -> DataSource:
         if path is None:
             continue
         samples.append(
-            Sample(image_id, path, ImageKind.DICOM, rle_rows=table.rows[image_id], rle_encoding=table.encoding)
+            Sample(image_id, path, ImageKind.DICOM, rle_rows=table.rows[image_id], rle_encoding=table.encoding,
+                   rle_absolute_start=start)
         )
     skipped = {}
     if len(samples) < len(table.image_ids):
@@ -207,7 +223,8 @@ def load_sample(sample: Sample) -> tuple[SourceImage, np.ndarray]:
         source = source_image_from_dataset(pydicom.dcmread(sample.image_path))
         mask = np.zeros(source.shape, bool)
         for row in sample.rle_rows:
-            mask |= rle.decode(row, source.shape, encoding=sample.rle_encoding)
+            mask |= rle.decode(row, source.shape, encoding=sample.rle_encoding,
+                               absolute_start=sample.rle_absolute_start)
         return source, mask
     source = source_image_from_png(sample.image_path)
     if sample.mask_path is None:
@@ -256,7 +273,7 @@ def _cache_key(source: DataSource, cfg: PreprocessConfig) -> str:
     for sample in source.samples:
         stat = sample.image_path.stat()
         digest.update(f"{sample.image_id}|{sample.image_path}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
-        digest.update("|".join(sample.rle_rows).encode())
+        digest.update(f"{sample.rle_encoding}{sample.rle_absolute_start}|".encode() + "|".join(sample.rle_rows).encode())
         if sample.mask_path is not None:
             mask_stat = sample.mask_path.stat()
             digest.update(f"{mask_stat.st_size}|{mask_stat.st_mtime_ns}".encode())
@@ -429,9 +446,17 @@ class SplitKind(enum.StrEnum):
     KFOLD = "kfold"
 
 
+#: Fold number of the test split: no fold's training or validation ever includes it.
+TEST_FOLD = -2
+#: Fold number of a k-fold run's tune split: no fold trains or validates on it, so a fold
+#: ensemble's postprocess can be searched there (out-of-fold images were trained on by k-1 members).
+TUNE_FOLD = -3
+
+
 @dataclass(frozen=True)
 class Split:
-    """Fold of every image; holdout: fold 0 is validation and -1 training."""
+    """Fold of every image; holdout: fold 0 is validation and -1 training; TEST_FOLD (-2) is test,
+    TUNE_FOLD (-3) the k-fold ensemble's tune split."""
 
     kind: SplitKind
     seed: int
@@ -439,24 +464,36 @@ class Split:
     fold_of: dict[str, int]
     positive: dict[str, bool]
     val_fraction: float | None = None
+    test_fraction: float = 0.0
+    tune_fraction: float = 0.0
 
     def train_val(self, fold: int = 0) -> tuple[list[str], list[str]]:
+        """Training and validation images of ``fold``; test and tune images are in neither."""
         if not 0 <= fold < self.n_folds:
             raise ValueError(f"Fold {fold} does not exist; this split has folds 0..{self.n_folds - 1}.")
         val = [i for i, f in self.fold_of.items() if f == fold]
-        train = [i for i, f in self.fold_of.items() if f != fold]
+        train = [i for i, f in self.fold_of.items() if f != fold and f not in (TEST_FOLD, TUNE_FOLD)]
         return train, val
 
+    def test_ids(self) -> list[str]:
+        return [i for i, f in self.fold_of.items() if f == TEST_FOLD]
+
+    def tune_ids(self) -> list[str]:
+        return [i for i, f in self.fold_of.items() if f == TUNE_FOLD]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "kind": self.kind.value,
             "seed": self.seed,
             "n_folds": self.n_folds,
             "val_fraction": self.val_fraction,
-            "images": [
-                {"image_id": i, "positive": self.positive[i], "fold": f} for i, f in self.fold_of.items()
-            ],
+            "test_fraction": self.test_fraction,
+            "n_test": len(self.test_ids()),
         }
+        if self.tune_fraction:  # absent otherwise: splits written before it keep their sha256
+            data.update({"tune_fraction": self.tune_fraction, "n_tune": len(self.tune_ids())})
+        data["images"] = [{"image_id": i, "positive": self.positive[i], "fold": f} for i, f in self.fold_of.items()]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Split:
@@ -468,6 +505,8 @@ class Split:
             fold_of={row["image_id"]: int(row["fold"]) for row in images},
             positive={row["image_id"]: bool(row["positive"]) for row in images},
             val_fraction=data.get("val_fraction"),
+            test_fraction=float(data.get("test_fraction") or 0.0),
+            tune_fraction=float(data.get("tune_fraction") or 0.0),
         )
 
     def sha256(self) -> str:
@@ -490,39 +529,85 @@ def _stratified_order(
     ]
 
 
+def _take_test(
+    positives: list[str], negatives: list[str], test_fraction: float
+) -> tuple[list[str], list[str], set[str]]:
+    """Set ``test_fraction`` of positives and of negatives aside (at least one image)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}.")
+    if test_fraction == 0.0:
+        return positives, negatives, set()
+    n_pos = round(len(positives) * test_fraction)
+    n_neg = round(len(negatives) * test_fraction)
+    if n_pos + n_neg == 0:
+        n_neg, n_pos = (1, 0) if negatives else (0, 1)
+    test = set(positives[:n_pos] + negatives[:n_neg])
+    return positives[n_pos:], negatives[n_neg:], test
+
+
 def holdout_split(
-    image_ids: Sequence[str], positive: Sequence[bool], *, val_fraction: float = 0.15, seed: int = 42
+    image_ids: Sequence[str],
+    positive: Sequence[bool],
+    *,
+    val_fraction: float = 0.15,
+    seed: int = 42,
+    test_fraction: float = 0.0,
 ) -> Split:
-    """Validation gets ``val_fraction`` of positives and of negatives (at least one image)."""
+    """Validation gets ``val_fraction`` of positives and of negatives (at least one image);
+    with ``test_fraction``, a test split stratified the same way is set aside first."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
-    if len(image_ids) < 2:
-        raise ValueError("A holdout split needs at least 2 images.")
+    if len(image_ids) < 2 + (test_fraction > 0):
+        raise ValueError("A holdout split needs at least 2 images (3 with a test split).")
     positives, negatives = _stratified_order(image_ids, positive, seed)
-    n_val_pos = round(len(positives) * val_fraction)
-    n_val_neg = round(len(negatives) * val_fraction)
+    n_all_pos, n_all_neg = len(positives), len(negatives)
+    positives, negatives, test = _take_test(positives, negatives, test_fraction)
+    # fractions of the whole set, so 70/15/15 means what it says
+    n_val_pos = min(len(positives), round(n_all_pos * val_fraction))
+    n_val_neg = min(len(negatives), round(n_all_neg * val_fraction))
     if n_val_pos + n_val_neg == 0:
         n_val_neg, n_val_pos = (1, 0) if negatives else (0, 1)
-    if n_val_pos + n_val_neg == len(image_ids):
+    if n_val_pos + n_val_neg == len(positives) + len(negatives):
         n_val_neg, n_val_pos = (n_val_neg - 1, n_val_pos) if n_val_neg else (0, n_val_pos - 1)
     val = set(positives[:n_val_pos] + negatives[:n_val_neg])
+    if not val:
+        raise ValueError("Too few images for a validation split next to the test split.")
     labels = dict(zip(image_ids, (bool(p) for p in positive), strict=True))
-    fold_of = {i: (0 if i in val else -1) for i in sorted(image_ids)}
-    return Split(SplitKind.HOLDOUT, seed, 1, fold_of, labels, val_fraction)
+    fold_of = {i: (TEST_FOLD if i in test else 0 if i in val else -1) for i in sorted(image_ids)}
+    return Split(SplitKind.HOLDOUT, seed, 1, fold_of, labels, val_fraction, test_fraction)
 
 
 def kfold_split(
-    image_ids: Sequence[str], positive: Sequence[bool], *, n_folds: int = 5, seed: int = 42
+    image_ids: Sequence[str],
+    positive: Sequence[bool],
+    *,
+    n_folds: int = 5,
+    seed: int = 42,
+    test_fraction: float = 0.0,
+    tune_fraction: float = 0.0,
 ) -> Split:
-    """Stratified k-fold: positives and negatives dealt round-robin to the folds."""
+    """Stratified k-fold: positives and negatives dealt round-robin to the folds, after a
+    stratified test split (``test_fraction``) and then a tune split (``tune_fraction`` of the
+    whole set, for a fold ensemble's postprocess) are set aside."""
     if n_folds < 2 or len(image_ids) < n_folds:
         raise ValueError(f"k-fold needs 2 <= folds <= images, got {n_folds} folds for {len(image_ids)} images.")
+    if not 0.0 <= test_fraction + tune_fraction < 1.0:
+        raise ValueError(f"test_fraction + tune_fraction must be in [0, 1), got {test_fraction + tune_fraction!r}.")
     positives, negatives = _stratified_order(image_ids, positive, seed)
-    fold_of: dict[str, int] = {}
+    n_all = len(positives) + len(negatives)
+    positives, negatives, test = _take_test(positives, negatives, test_fraction)
+    tune: set[str] = set()
+    if tune_fraction:  # fractions of the whole set, as holdout_split's val_fraction
+        positives, negatives, tune = _take_test(positives, negatives, tune_fraction * n_all / (len(positives) + len(negatives)))
+    if len(positives) + len(negatives) < n_folds:
+        raise ValueError(f"{n_folds} folds need at least {n_folds} images outside the test and tune splits.")
+    fold_of: dict[str, int] = {image_id: TEST_FOLD for image_id in test}
+    fold_of.update({image_id: TUNE_FOLD for image_id in tune})
     for position, image_id in enumerate(positives + negatives):
         fold_of[image_id] = position % n_folds
     labels = dict(zip(image_ids, (bool(p) for p in positive), strict=True))
-    return Split(SplitKind.KFOLD, seed, n_folds, dict(sorted(fold_of.items())), labels)
+    return Split(SplitKind.KFOLD, seed, n_folds, dict(sorted(fold_of.items())), labels, None, test_fraction,
+                 tune_fraction)
 
 
 def write_split(path: str | Path, split: Split) -> Path:

@@ -118,7 +118,8 @@ class SegmentationMetrics:
     image_sensitivity: float | None
     image_specificity: float | None
     image_accuracy: float
-    confusion_matrix: list[list[int]] = field(default_factory=list)  # [[TN, FP], [FN, TP]]
+    confusion_matrix: list[list[int]] = field(default_factory=list)  # images: [[TN, FP], [FN, TP]]
+    pixel_confusion_matrix: list[list[int]] = field(default_factory=list)  # pixels: [[TN, FP], [FN, TP]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,4 +179,5 @@ class MetricAccumulator:
             image_specificity=_ratio(image_tn, image_tn + image_fp),
             image_accuracy=float((image_tp + image_tn) / len(dice)),
             confusion_matrix=[[image_tn, image_fp], [image_fn, image_tp]],
+            pixel_confusion_matrix=[[tn, fp], [fn, tp]],
         )

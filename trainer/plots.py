@@ -47,14 +47,22 @@ def plot_curves(histories: Mapping[int, Sequence[Mapping[str, Any]]], path: str 
     return _save(fig, Path(path))
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], path: str | Path, title: str = "Image level") -> Path:
-    """2x2 [[TN, FP], [FN, TP]] with counts."""
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], path: str | Path, title: str = "Image level", *, normalize: bool = False
+) -> Path:
+    """2x2 [[TN, FP], [FN, TP]] with counts; ``normalize`` adds each row's share (pixels:
+    the counts span orders of magnitude)."""
     values = np.asarray(matrix, dtype=np.int64)
-    fig, axis = plt.subplots(figsize=(4, 3.6))
-    axis.imshow(values, cmap="Blues")
+    rows = values.sum(1, keepdims=True)
+    shares = values / np.where(rows == 0, 1, rows)
+    fig, axis = plt.subplots(figsize=(4.4, 3.8))
+    axis.imshow(shares if normalize else values, cmap="Blues", vmin=0)
+    peak = 1.0 if normalize else values.max()
     for (row, col), value in np.ndenumerate(values):
-        color = "white" if value > values.max() / 2 else "black"
-        axis.text(col, row, str(value), ha="center", va="center", color=color, fontsize=13)
+        shown = shares[row, col] if normalize else value
+        color = "white" if shown > peak / 2 else "black"
+        text = f"{value:,}\n{100 * shares[row, col]:.2f}%" if normalize else str(value)
+        axis.text(col, row, text, ha="center", va="center", color=color, fontsize=11 if normalize else 13)
     axis.set_xticks([0, 1], ["no PTX", "PTX"])
     axis.set_yticks([0, 1], ["no PTX", "PTX"])
     axis.set(xlabel="predicted", ylabel="truth", title=title)

@@ -35,7 +35,7 @@ class RleEncoding(enum.StrEnum):
     """How run starts are counted."""
 
     RELATIVE = "relative"  # stage-1 train-rle.csv: start counted from the end of the previous run
-    ABSOLUTE = "absolute"  # plain RLE: start is a 0-based pixel index (column-major)
+    ABSOLUTE = "absolute"  # plain RLE: start is a pixel index (column-major), 0- or 1-based (absolute_start)
     AUTO = "auto"
 
 
@@ -66,8 +66,16 @@ def decode(
     shape: tuple[int, int] = SIIM_MASK_SHAPE,
     *,
     encoding: RleEncoding | str = RleEncoding.RELATIVE,
+    absolute_start: int = 0,
 ) -> np.ndarray:
-    """Decode one RLE string into a bool mask of ``shape`` (rows, cols)."""
+    """Decode one RLE string into a bool mask of ``shape`` (rows, cols).
+
+    ``absolute_start``: the index of the first pixel in an absolute file, 0 or 1. The stage-2
+    file cannot be checked offline (its masks are not public), so this is a setting
+    (``ptx-train ... --rle-absolute-start``), 0 by default; relative files ignore it.
+    """
+    if absolute_start not in (0, 1):
+        raise ValueError(f"absolute_start must be 0 or 1, got {absolute_start!r}.")
     height, width = _check_shape(shape)
     encoding = RleEncoding(encoding)
     if encoding is RleEncoding.AUTO:
@@ -76,7 +84,7 @@ def decode(
     flat = np.zeros(height * width, dtype=bool)
     position = 0
     for start, length in pairs:
-        begin = position + start if encoding is RleEncoding.RELATIVE else start
+        begin = position + start if encoding is RleEncoding.RELATIVE else start - absolute_start
         if begin < 0 or begin + length > flat.size:
             raise ValueError(
                 f"RLE run [{begin}, {begin + length}) falls outside a {height}x{width} mask."

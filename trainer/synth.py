@@ -29,6 +29,7 @@ __all__ = [
     "SynthSummary",
     "make_phantom",
     "write_dicom",
+    "write_png_dataset",
     "write_synthetic_dataset",
 ]
 
@@ -276,10 +277,13 @@ def write_synthetic_dataset(
     size: int = 256,
     seed: int = 0,
     positive_fraction: float = 0.4,
+    mask_png: bool = False,
 ) -> SynthSummary:
     """Write a SIIM-layout set: ``dicom-images-train/<study>/<series>/<sop>.dcm`` + ``train-rle.csv``.
 
     Every third image is MONOCHROME1; positives with two regions get two CSV rows.
+    ``mask_png`` also writes each known mask as ``masks/<SOPInstanceUID>.png`` (0/255), for
+    readers that do not decode RLE (the node's demo scores the SEG it gets back against it).
     """
     if not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"n_images must be a positive integer, got {n_images!r}.")
@@ -305,8 +309,50 @@ def write_synthetic_dataset(
             PatientName=f"PHANTOM^{index + 1:03d}",
             PatientID=f"PHANTOM-{index + 1:03d}",
         )
+        if mask_png:
+            (root / "masks").mkdir(exist_ok=True)
+            cv2.imwrite(str(root / "masks" / f"{sop_uid}.png"), mask.astype(np.uint8) * 255)
         count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
         parts = [labels == label for label in range(1, count)]
         masks[sop_uid] = parts if len(parts) > 1 else mask
     csv_path = rle.write_rle_csv(root / "train-rle.csv", masks)
     return SynthSummary(root, n_images, int(positives.sum()), csv_path)
+
+
+def write_png_dataset(
+    out_dir: str | Path,
+    n_images: int,
+    *,
+    layout: str = "siim-png",
+    size: int = 256,
+    seed: int = 0,
+    positive_fraction: float = 0.4,
+) -> SynthSummary:
+    """Phantoms as 8-bit PNGs in the SIIM-ACR PNG copy's layout (``png_images/`` +
+    ``png_masks/``, masks 0/255) or PTX-498's (``SiteA..C/N.1.img.png`` + ``N.2.mask.png``).
+
+    PTX-498 holds only positive images, so that layout ignores ``positive_fraction``.
+    """
+    if layout not in ("siim-png", "ptx498"):
+        raise ValueError(f"layout must be 'siim-png' or 'ptx498', got {layout!r}.")
+    if not isinstance(n_images, int) or n_images < 1:
+        raise ValueError(f"n_images must be a positive integer, got {n_images!r}.")
+    root = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    positive = np.ones(n_images, bool) if layout == "ptx498" else np.zeros(n_images, bool)
+    if layout == "siim-png":
+        positive[rng.permutation(n_images)[: round(n_images * positive_fraction)]] = True
+    for index in range(n_images):
+        image, mask = make_phantom(rng, size, positive=bool(positive[index]))
+        pixels = np.round(image.astype(np.float32) * (255.0 / _MAX_VALUE)).astype(np.uint8)
+        if layout == "siim-png":
+            image_path = root / "png_images" / f"phantom{index:05d}.png"
+            mask_path = root / "png_masks" / f"phantom{index:05d}.png"
+        else:
+            site = root / ("SiteA", "SiteB", "SiteC")[index % 3]
+            image_path, mask_path = site / f"{index + 1}.1.img.png", site / f"{index + 1}.2.mask.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(image_path), pixels)
+        cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
+    return SynthSummary(root, n_images, int(positive.sum()), root)

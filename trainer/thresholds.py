@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from model.postprocess import PostprocessConfig, PostprocessMode
-from trainer.config import ThresholdSearchOptions
+from trainer.config import SearchObjective, ThresholdSearchOptions
 
 __all__ = ["SearchResult", "search_postprocess"]
 
@@ -22,15 +22,17 @@ __all__ = ["SearchResult", "search_postprocess"]
 @dataclass
 class SearchResult:
     config: PostprocessConfig
-    score: float  # mean challenge Dice on the searched images
+    score: float  # the objective on the searched images
     mode: PostprocessMode
     n_images: int
     table: list[dict[str, Any]] = field(default_factory=list)  # every grid point, best first
+    objective: SearchObjective = SearchObjective.DICE
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "score": self.score,
+            "objective": self.objective.value,
             "mode": self.mode.value,
             "n_images": self.n_images,
             "top": self.table[:10],
@@ -41,6 +43,18 @@ def _dice(intersection: np.ndarray, predicted: np.ndarray, truth: np.ndarray) ->
     denominator = predicted + truth
     safe = np.where(denominator == 0, 1, denominator)
     return np.where(denominator == 0, 1.0, 2.0 * intersection / safe)
+
+
+def _score(objective: SearchObjective, intersection: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Objective per grid point from per-image pixel counts (..., N) -> (...)."""
+    truth = np.broadcast_to(truth, intersection.shape)
+    if objective is SearchObjective.DICE:
+        return _dice(intersection, predicted, truth).mean(-1)
+    union = predicted + truth - intersection
+    if objective is SearchObjective.IOU:
+        return np.where(union == 0, 1.0, intersection / np.where(union == 0, 1, union)).mean(-1)
+    pooled_union = union.sum(-1)
+    return np.where(pooled_union == 0, 1.0, intersection.sum(-1) / np.where(pooled_union == 0, 1, pooled_union))
 
 
 def _check_inputs(probabilities: np.ndarray, truths: np.ndarray, ref_scale: np.ndarray) -> None:
@@ -54,7 +68,7 @@ def _check_inputs(probabilities: np.ndarray, truths: np.ndarray, ref_scale: np.n
         raise ValueError("Threshold search needs at least one validation image.")
 
 
-def _search_threshold(probabilities, truths, ref_scale, options) -> list[dict[str, Any]]:
+def _search_threshold(probabilities, truths, ref_scale, options, objective) -> list[dict[str, Any]]:
     areas = np.array(sorted(set(options.min_areas)), dtype=np.float64)
     truth_sum = truths.reshape(len(truths), -1).sum(1).astype(np.float64)
     table = []
@@ -72,7 +86,7 @@ def _search_threshold(probabilities, truths, ref_scale, options) -> list[dict[st
             keep = (component_area[None, :] * ref_scale[i] >= areas[:, None]) | (areas[:, None] <= 1)
             intersection[:, i] = keep @ component_hit
             predicted[:, i] = keep @ component_area
-        scores = _dice(intersection, predicted, truth_sum[None, :]).mean(1)
+        scores = _score(objective, intersection, predicted, truth_sum[None, :])
         for area, score in zip(areas, scores, strict=True):
             table.append(
                 {"score": float(score), "config": PostprocessConfig(
@@ -82,11 +96,10 @@ def _search_threshold(probabilities, truths, ref_scale, options) -> list[dict[st
     return table
 
 
-def _search_triplet(probabilities, truths, ref_scale, options) -> list[dict[str, Any]]:
+def _search_triplet(probabilities, truths, ref_scale, options, objective) -> list[dict[str, Any]]:
     flat_probability = probabilities.reshape(len(probabilities), -1)
     flat_truth = truths.reshape(len(truths), -1)
     truth_sum = flat_truth.sum(1).astype(np.float64)
-    empty_dice = np.where(truth_sum == 0, 1.0, 0.0)
     bottom_stats = {}
     for bottom in options.bottom_thresholds:
         binary = flat_probability > bottom
@@ -103,9 +116,10 @@ def _search_triplet(probabilities, truths, ref_scale, options) -> list[dict[str,
                 if bottom > top:
                     continue
                 intersection, predicted = bottom_stats[bottom]
-                dice = np.where(gate, _dice(intersection, predicted, truth_sum), empty_dice)
+                # an image failing the gate is predicted empty
+                score = _score(objective, np.where(gate, intersection, 0.0), np.where(gate, predicted, 0.0), truth_sum)
                 table.append(
-                    {"score": float(dice.mean()), "config": PostprocessConfig(
+                    {"score": float(score), "config": PostprocessConfig(
                         mode=PostprocessMode.TRIPLET,
                         top_threshold=float(top),
                         top_min_area_px=int(min_area),
@@ -123,14 +137,15 @@ def search_postprocess(
     ref_px_per_net_px: np.ndarray,
     options: ThresholdSearchOptions,
 ) -> SearchResult:
-    """Pick the grid point with the best mean challenge Dice (earliest wins ties)."""
+    """Pick the grid point with the best ``options.objective`` (earliest wins ties)."""
     truths = truths.astype(bool, copy=False)
     ref_scale = np.asarray(ref_px_per_net_px, dtype=np.float64)
     _check_inputs(probabilities, truths, ref_scale)
     mode = PostprocessMode(options.mode)
     search = _search_threshold if mode is PostprocessMode.THRESHOLD else _search_triplet
-    table = search(probabilities, truths, ref_scale, options)
+    objective = SearchObjective(options.objective)
+    table = search(probabilities, truths, ref_scale, options, objective)
     ranked = sorted(table, key=lambda row: -row["score"])  # stable: grid order breaks ties
     best = ranked[0]
     rows = [{"score": row["score"], **row["config"].to_dict()} for row in ranked]
-    return SearchResult(best["config"], best["score"], mode, len(truths), rows)
+    return SearchResult(best["config"], best["score"], mode, len(truths), rows, objective)

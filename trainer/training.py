@@ -8,6 +8,7 @@ host synchronisation inside the step except every ``log_every`` steps for the pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from torch import nn
 
 from model.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from model.network import build_network
-from trainer.augment import DeviceAugment
-from trainer.batches import BatchSource, epoch_order, shard_batches
+from trainer.augment import build_augmentations
+from trainer.batches import BatchObserver, BatchSource, epoch_order, shard_batches
 from trainer.config import Monitor, NetworkOptions, TrainConfig
 from trainer.data import (
     CachedSet,
@@ -55,6 +56,7 @@ LAST_STATE = "last.pt"
 BEST_DIR = "best"
 HISTORY_FILE = "history.json"
 FINAL_CHECKPOINT = "checkpoint"
+ENSEMBLE_CHECKPOINT = "ensemble"
 
 
 @dataclass
@@ -76,16 +78,45 @@ class TrainResult:
     checkpoint: Path  # the served checkpoint (best fold)
     folds: list[FoldResult]
     summary: dict[str, Any]
+    ensemble: Path | None = None  # the fold ensemble, when the recipe asks for one (serve.ensemble)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def load_encoder_weights(network: nn.Module, options: NetworkOptions) -> str:
-    """Initialise the encoder: ``none`` (random), ``imagenet`` (smp download) or a file.
+def _imagenet_download_error(options: NetworkOptions, settings: dict[str, Any] | None, error: Exception) -> str:
+    if settings is None:
+        return f"segmentation-models-pytorch has no ImageNet weights for encoder {options.encoder!r}."
+    repo, revision = settings["repo_id"], settings["revision"]
+    url = f"https://huggingface.co/{repo}/resolve/{revision}/model.safetensors"
+    return (
+        f"encoder_weights = 'imagenet' downloads {repo} (model.safetensors) from the Hugging Face Hub through "
+        f"segmentation-models-pytorch, and that failed ({type(error).__name__}: {str(error)[:200]}). "
+        f"On an offline machine, fetch {url} where there is internet, copy it to this machine "
+        f"(e.g. ~/.cache/ptx-train/weights/{options.encoder}.imagenet.safetensors) and set "
+        f"network.encoder_weights to that path (--set network.encoder_weights=PATH)."
+    )
 
-    A file may hold encoder weights or whole-network weights (``encoder.`` prefixed keys);
-    safetensors or a torch state dict.
+
+def _fit_input_channels(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RGB first-layer weights -> our gray input: summed over colour, as smp does for in_channels=1."""
+    fitted = {}
+    for key, value in state.items():
+        want = target.get(key)
+        if want is not None and value.ndim == 4 and want.ndim == 4 and value.shape[1] == 3 and want.shape[1] == 1 \
+                and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+            value = value.sum(dim=1, keepdim=True)
+        fitted[key] = value
+    return fitted
+
+
+def load_encoder_weights(network: nn.Module, options: NetworkOptions) -> str:
+    """Initialise the encoder: ``none`` (random), ``imagenet`` (smp download) or a local file.
+
+    A file may hold encoder weights (e.g. the ``model.safetensors`` that ``imagenet`` would
+    download: RGB first-layer weights are summed to our one gray channel) or whole-network
+    weights (``encoder.`` prefixed keys); safetensors or a torch state dict. A failed
+    download says which file to fetch and where to point ``encoder_weights``.
     """
     weights = options.encoder_weights
     if weights.lower() == "none":
@@ -96,14 +127,22 @@ def load_encoder_weights(network: nn.Module, options: NetworkOptions) -> str:
 
         from model.network import ENCODERS
 
-        pretrained = smp.encoders.get_encoder(
-            ENCODERS[options.encoder], in_channels=1, depth=encoder._depth, weights="imagenet"
-        )
+        name = ENCODERS[options.encoder]
+        settings = smp.encoders.encoders.get(name, {}).get("pretrained_settings", {}).get("imagenet")
+        try:
+            if settings is None:
+                raise KeyError("imagenet")
+            pretrained = smp.encoders.get_encoder(name, in_channels=1, depth=encoder._depth, weights="imagenet")
+        except Exception as error:  # noqa: BLE001 - hub, HTTP and socket errors all mean "not downloadable here"
+            raise ValueError(_imagenet_download_error(options, settings, error)) from None
         encoder.load_state_dict(pretrained.state_dict())
         return "imagenet"
-    path = Path(weights)
+    path = Path(weights).expanduser()
     if not path.is_file():
-        raise ValueError(f"encoder_weights must be 'none', 'imagenet' or a file; {weights!r} is none of these.")
+        raise ValueError(
+            f"encoder_weights must be 'none', 'imagenet' or a weights file; {weights!r} is none of these "
+            f"(no such file)."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -111,11 +150,16 @@ def load_encoder_weights(network: nn.Module, options: NetworkOptions) -> str:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     if any(key.startswith("encoder.") for key in state):
+        state = _fit_input_channels(state, network.state_dict())
         missing, unexpected = network.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"{weights}: {len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}.")
     else:
-        encoder.load_state_dict(state)
+        state = _fit_input_channels(state, encoder.state_dict())
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{weights} does not hold {options.encoder} encoder weights: {str(error)[:300]}") from None
     return f"file:{path.name}"
 
 
@@ -193,6 +237,7 @@ def predict_probabilities(
     tta: bool,
     precision: str = "bf16",
     channels_last: bool = True,
+    purpose: str = "validation",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (logits, probability, mask) per batch of ``indices`` (eval mode, no grad)."""
     was_training = network.training
@@ -200,7 +245,7 @@ def predict_probabilities(
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     try:
         with torch.inference_mode():
-            for images, masks in source.batches(batches):
+            for images, masks in source.batches(batches, purpose=purpose):
                 logits, probability = _forward_probability(
                     network, images, tta, source.device, precision, channels_last
                 )
@@ -224,10 +269,12 @@ def _prepare_split(config: TrainConfig, cache: CachedSet, out_dir: Path, split_f
     elif target.is_file():  # resume: the split the run started with
         split = read_split(target)
     elif config.split.kind == "kfold":
-        split = kfold_split(cache.image_ids, cache.positive, n_folds=config.split.folds, seed=config.split.seed)
+        split = kfold_split(cache.image_ids, cache.positive, n_folds=config.split.folds, seed=config.split.seed,
+                            test_fraction=config.split.test_fraction, tune_fraction=config.split.tune_fraction)
     else:
         split = holdout_split(
-            cache.image_ids, cache.positive, val_fraction=config.split.val_fraction, seed=config.split.seed
+            cache.image_ids, cache.positive, val_fraction=config.split.val_fraction, seed=config.split.seed,
+            test_fraction=config.split.test_fraction,
         )
     write_split(target, split)
     return split
@@ -240,8 +287,9 @@ def _training_data(source: DataSource, cache: CachedSet, split: Split, fold: int
             "n_positive": int(cache.positive.sum()),
             "n_train": n_train,
             "n_val": n_val,
+            "n_test": len(split.test_ids()),
             "split": {"kind": split.kind.value, "seed": split.seed, "fold": fold, "n_folds": split.n_folds,
-                      "sha256": split.sha256()},
+                      "test_fraction": split.test_fraction, "sha256": split.sha256()},
         }
     )
     return description
@@ -265,8 +313,10 @@ class _FoldRun:
         resume: bool,
         progress: bool,
         log_every: int,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.config, self.cache, self.source, self.split = config, cache, source, split
+        self.observer = observer
         self.fold, self.fold_dir, self.dist = fold, fold_dir, dist
         self.max_steps, self.resume, self.progress, self.log_every = max_steps, resume, progress, log_every
         train_ids, val_ids = split.train_val(fold)
@@ -286,6 +336,7 @@ class _FoldRun:
             config.network.architecture,
             config.network.encoder,
             layer_dropout=config.network.layer_dropout,
+            decoder_channels=config.network.decoder_channels,
         )
         if dist.is_main:
             self.encoder_init = load_encoder_weights(network, config.network)
@@ -324,8 +375,9 @@ class _FoldRun:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.criterion = ComboLoss(config.loss).to(self.device)
-        self.augment = DeviceAugment(config.augment)
-        self.source_batches = BatchSource(self.cache, self.device, config.runtime)
+        host_augment, self.augment = build_augmentations(config.augment, config.input_size, config.seed + self.fold)
+        self.source_batches = BatchSource(self.cache, self.device, config.runtime, host_augment=host_augment,
+                                          observer=self.observer)
         torch.manual_seed(config.seed * 7919 + 104729 * self.fold + dist.rank)  # augmentation draws differ per rank
 
     # -------------------------------------------------------------- state
@@ -380,9 +432,10 @@ class _FoldRun:
     def _validate(self) -> dict[str, float]:
         totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, dice, iou, n
         mine = self.val_idx[self.dist.rank :: self.dist.world_size]
+        tta = self.config.early_stopping.validation_tta and "hflip" in self.config.tta
         for logits, probability, masks in predict_probabilities(
             self.network, self.source_batches, mine, batch_size=self.config.runtime.eval_batch_size,
-            tta=False, precision=self.precision, channels_last=self.channels_last,
+            tta=tta, precision=self.precision, channels_last=self.channels_last, purpose="validation",
         ):
             dice, iou = _per_image_scores(probability, masks)
             n = masks.shape[0]
@@ -427,7 +480,7 @@ class _FoldRun:
         steps = 0
         window_start, window_images = time.perf_counter(), 0
         epoch_start = time.perf_counter()
-        for images, masks in self.source_batches.batches(batches):
+        for images, masks in self.source_batches.batches(batches, purpose="train", augment=True):
             loss_sum += self._step(images, masks)
             steps += 1
             self.global_step += 1
@@ -459,10 +512,12 @@ class _FoldRun:
         training_data = _training_data(self.source, self.cache, self.split, self.fold, n_train, n_val)
         training_data["encoder_init"] = self.encoder_init
         return Manifest(
-            name=config.name,
+            name=config.model_name or config.name,
             version=config.version,
             architecture=config.network.architecture,
             encoder=config.network.encoder,
+            decoder_channels=list(config.network.decoder_channels) if config.network.decoder_channels else None,
+            caveat=config.caveat,
             input_size=config.input_size,
             preprocess=config.preprocess_config.to_dict(),
             postprocess=postprocess,
@@ -532,7 +587,8 @@ class _FoldRun:
         )
 
     def _finish(self) -> tuple[SearchResult | None, dict[str, Any]]:
-        """Rank 0: best weights -> validation probabilities (with TTA) -> threshold search -> manifest."""
+        """Rank 0: best weights -> validation probabilities (plain and hflip TTA) -> a threshold
+        search for each, tuned for itself -> manifest serving the recipe's TTA setting."""
         if not self.dist.is_main:
             self.dist.barrier()
             return None, {}
@@ -546,7 +602,7 @@ class _FoldRun:
             position = 0
             for _, probability, masks in predict_probabilities(
                 self.network, self.source_batches, self.val_idx, batch_size=self.config.runtime.eval_batch_size,
-                tta=tta, precision=self.precision, channels_last=self.channels_last,
+                tta=tta, precision=self.precision, channels_last=self.channels_last, purpose="threshold_search",
             ):
                 n = masks.shape[0]
                 probabilities[tta][position : position + n] = probability[:, 0].cpu().numpy()
@@ -554,13 +610,25 @@ class _FoldRun:
                 position += n
         use_tta = "hflip" in self.config.tta
         scale = self.cache.ref_px_per_net_px[self.val_idx]
-        search = search_postprocess(probabilities[use_tta].astype(np.float32), truths, scale, self.config.threshold_search)
-        validation = {"tta": use_tta, "searched_dice": search.score}
+        searches = {tta: search_postprocess(probabilities[tta].astype(np.float32), truths, scale,
+                                            self.config.threshold_search) for tta in (False, True)}
+        search = searches[use_tta]
+        validation = {"split": "validation", "tta": use_tta, "searched_score": search.score,
+                      "objective": search.objective.value, "searched_dice": search.score}
         for tta in (False, True):
             dice, iou = _per_image_scores(torch.from_numpy(probabilities[tta].astype(np.float32)), torch.from_numpy(truths))
-            validation["tta_hflip" if tta else "plain"] = {"dice_at_0.5": float(dice.mean()), "iou_at_0.5": float(iou.mean())}
+            validation["tta_hflip" if tta else "plain"] = {
+                "dice_at_0.5": float(dice.mean()), "iou_at_0.5": float(iou.mean()),
+                "searched_score": searches[tta].score, "postprocess": searches[tta].config.to_dict(),
+            }
         metrics = dict(manifest.metrics)
-        metrics.update({"validation": validation, "threshold_search": search.to_dict()})
+        metrics.update({
+            "validation": validation, "threshold_search": search.to_dict(),
+            # each inference setting with the thresholds tuned for itself (ptx-train evaluate)
+            "postprocess_by_mode": {"plain": searches[False].config.to_dict(), "tta": searches[True].config.to_dict()},
+        })
+        if self.config.evaluation.score_size:
+            metrics["evaluation_protocol"] = {"score_size": self.config.evaluation.score_size}
         save_checkpoint(self.fold_dir / BEST_DIR, self.network, self._manifest(search.config.to_dict(), metrics))
         self.dist.barrier()
         return search, validation
@@ -606,7 +674,7 @@ def measure_throughput(
     run.network.train()
     loss_sum = torch.zeros((), device=run.device)
     started = time.perf_counter()
-    for index, (images, masks) in enumerate(run.source_batches.batches(batches)):
+    for index, (images, masks) in enumerate(run.source_batches.batches(batches, augment=True)):
         if index == warmup_steps:
             synchronize()
             started = time.perf_counter()
@@ -649,8 +717,16 @@ def train(
     resume: bool = True,
     progress: bool = True,
     log_every: int = 20,
+    observer: BatchObserver | None = None,
+    evaluate_test: bool = True,
 ) -> TrainResult:
-    """Train every requested fold of ``config`` and write the served checkpoint to ``out/checkpoint``."""
+    """Train every requested fold of ``config`` and write the served checkpoint to ``out/checkpoint``.
+
+    The fold served is the one with the best validation search score. When the split has a
+    test set, the served checkpoint is then evaluated on it (``out/test-evaluation``): the
+    only numbers that come from images no choice was made on. ``observer`` sees every batch
+    the loader serves.
+    """
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     out_dir = Path(out_dir)
@@ -676,22 +752,47 @@ def train(
         results = []
         for fold in fold_list:
             run = _FoldRun(config, cache, source, split, fold, out_dir / f"fold_{fold}", dist,
-                           max_steps=max_steps, resume=resume, progress=progress, log_every=log_every)
+                           max_steps=max_steps, resume=resume, progress=progress, log_every=log_every,
+                           observer=observer)
             results.append(run.run())
         summary: dict[str, Any] = {}
         final = out_dir / FINAL_CHECKPOINT
+        ensemble = out_dir / ENSEMBLE_CHECKPOINT if config.serve.ensemble else None
         if dist.is_main:
             summary = _summarize(config, results)
-            best = max(results, key=lambda r: r.search.score if r.search else -1.0)
+            best = max(results, key=lambda r: r.search.score if r.search else -1.0)  # validation only
             _write_final(best, final, summary)
+            if ensemble is not None:
+                summary["ensemble"] = _write_ensemble(config, cache, split, results, best, ensemble, dist.device)
+            if evaluate_test and split.test_ids():
+                summary["test"] = _evaluate_test(final, data_root, out_dir / "test-evaluation", labels_file, config,
+                                                 dist.device, progress)
+                if ensemble is not None:
+                    summary["ensemble_test"] = _evaluate_test(ensemble, data_root, out_dir / "test-evaluation-ensemble",
+                                                              labels_file, config, dist.device, progress)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             from trainer import report
 
             report.write_training_report(out_dir, config, results, summary)
         dist.barrier()
-        return TrainResult(out_dir, final, results, summary)
+        return TrainResult(out_dir, final, results, summary, ensemble)
     finally:
         dist.close()
+
+
+def _evaluate_test(
+    checkpoint: Path, data_root: str | Path, evaluation_dir: Path, labels_file: str | Path | None,
+    config: TrainConfig, device: torch.device, progress: bool,
+) -> dict[str, Any]:
+    """A served checkpoint on the test split, at source resolution (trainer.evaluate)."""
+    from trainer.evaluate import evaluate
+
+    result = evaluate(checkpoint, data_root, evaluation_dir, device=device.type,
+                      split_file=evaluation_dir.parent / "split.json", subset="test", labels_file=labels_file,
+                      batch_size=config.runtime.eval_batch_size, progress=progress)
+    served = "tta" if config.tta else "plain"
+    return {"split": "test", "served_mode": served, "report": str(result.report_path),
+            "plain": result.metrics["plain"], "tta": result.metrics["tta"]}
 
 
 def _summarize(config: TrainConfig, results: list[FoldResult]) -> dict[str, Any]:
@@ -715,7 +816,7 @@ def _summarize(config: TrainConfig, results: list[FoldResult]) -> dict[str, Any]
 
 def _write_final(best: FoldResult, final: Path, summary: dict[str, Any]) -> None:
     """Copy the best fold's checkpoint and add the cross-validation summary to its manifest."""
-    from model.checkpoint import read_manifest
+    from model.checkpoint import read_manifest, write_manifest
 
     if final.exists():
         shutil.rmtree(final)
@@ -727,5 +828,73 @@ def _write_final(best: FoldResult, final: Path, summary: dict[str, Any]) -> None
         "cv_searched_dice_std": summary["cv_searched_dice_std"],
         "n_folds_trained": len(summary["folds"]),
     }}
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    (final / "manifest.json").write_text(text)
+    write_manifest(final, manifest)
+
+
+def _write_ensemble(
+    config: TrainConfig, cache: CachedSet, split: Split, results: list[FoldResult], best: FoldResult,
+    directory: Path, device: torch.device,
+) -> dict[str, Any]:
+    """Write every trained fold as one ensemble; search its postprocess on the tune split.
+
+    Out-of-fold images are not clean for the ensemble (each was trained on by k-1 of its
+    members), so the search runs on ``split.tune_ids()``, which no fold trained or validated
+    on. Without a tune split the selected fold's own validation search is reused, and the
+    manifest says so. The test split is never used here.
+    """
+    from model.checkpoint import read_manifest, save_ensemble, write_manifest
+    from model.infer import Segmenter
+
+    if len(results) < 2:
+        raise ValueError(f"serve.ensemble needs at least 2 trained folds; this run trained {len(results)}.")
+    members = {r.fold: r.checkpoint for r in results}
+    if directory.exists():  # a rerun with fewer folds must not leave members behind
+        shutil.rmtree(directory)
+    selected = read_manifest(best.checkpoint)
+    training_data = dict(selected.training_data)
+    training_data["split"] = {**training_data["split"], "fold": None, "member_folds": sorted(members),
+                              "tune_fraction": split.tune_fraction, "n_tune": len(split.tune_ids())}
+    training_data["n_val"] = None  # each member validated on its own fold
+    combine = ("mean of the members' sigmoid probabilities, each member first averaging its own TTA views "
+               f"({', '.join(config.tta) or 'none'})")
+    info: dict[str, Any] = {
+        "member_folds": sorted(members), "combine": combine,
+        "members": [{"fold": r.fold, "best_epoch": r.best_epoch,
+                     "validation_searched_score": r.search.score if r.search else None} for r in results],
+    }
+    base = dataclasses.replace(
+        selected, training_data=training_data, metrics={}, created="",
+        changelog=f"Ensemble of folds {', '.join(map(str, sorted(members)))} of ptx-train recipe {config.name!r}.",
+    )
+    tune_ids = split.tune_ids()
+    if not tune_ids:
+        tuned_on = (f"not tuned for the ensemble: fold {best.fold}'s own validation search (one member's "
+                    "probabilities) reused; set split.tune_fraction to search on images no member saw")
+        info["postprocess_tuned_on"] = {"split": None, "reused_from_fold": best.fold}
+        metrics = {"ensemble": info, "postprocess_by_mode": selected.metrics.get("postprocess_by_mode", {})}
+        save_ensemble(directory, members, dataclasses.replace(base, metrics=metrics), postprocess_tuned_on=tuned_on)
+        return info
+    tuned_on = (f"tune split: {len(tune_ids)} images that no member trained or validated on "
+                "(split.json fold -3), none of them test images")
+    save_ensemble(directory, members, base, postprocess_tuned_on=tuned_on)  # provisional postprocess
+    segmenter = Segmenter.from_checkpoint(directory, device=device, runtime="torch",
+                                          max_batch_size=config.runtime.eval_batch_size)
+    index = cache.indices(tune_ids)
+    net_input = cache.images[index].astype(np.float32)
+    truths = cache.masks[index] > 0
+    scale = cache.ref_px_per_net_px[index]
+    searches = {tta: search_postprocess(segmenter.predict_probability_net(net_input, tta=tta), truths, scale,
+                                        config.threshold_search) for tta in (False, True)}
+    search = searches["hflip" in config.tta]
+    info["postprocess_tuned_on"] = {"split": "tune", "n_images": len(tune_ids)}
+    metrics = {
+        "ensemble": info, "threshold_search": search.to_dict(),
+        "tune": {"split": "tune", "n_images": len(tune_ids), "searched_score": search.score,
+                 "objective": search.objective.value},
+        "postprocess_by_mode": {"plain": searches[False].config.to_dict(), "tta": searches[True].config.to_dict()},
+    }
+    # the members are written and verified already: only the manifest changes
+    write_manifest(directory, dataclasses.replace(read_manifest(directory), postprocess=search.config.to_dict(),
+                                                  metrics=metrics))
+    info["tune_searched_score"] = search.score
+    return info

@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from node.config import NodeConfig
 from node.db import TERMINAL_STATUSES, Association, Job, JobStatus, WorkerRecord, utcnow
-from node.metrics import WORKER_ALIVE_S
+from node.disk import SpoolSpace, spool_space
+from node.metrics import UNABLE_WINDOW_S, WORKER_ALIVE_S
+from node.reasons import format_reason
 
 __all__ = ["Snapshot", "WorkerView", "percentile", "render_status_page", "take_snapshot"]
 
@@ -44,6 +46,9 @@ class WorkerView:
     last_seen: dt.datetime
     jobs_done: int
     alive: bool
+    serving_error: str | None = None
+    # False: the worker runs with delivery/outputs/destinations that differ from the node's.
+    same_settings: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +66,22 @@ class Snapshot:
     inference_p50_ms: float | None
     inference_p95_ms: float | None
     model_served: str
+    spool_space: SpoolSpace | None = None
 
     @property
     def workers_alive(self) -> int:
         return sum(1 for w in self.workers if w.alive)
+
+    @property
+    def cannot_serve(self) -> str | None:
+        """Why no worker can serve, when none can and one said why (else None)."""
+        if self.workers_alive:
+            return None
+        recent = self.taken_at - dt.timedelta(seconds=UNABLE_WINDOW_S)
+        for worker in self.workers:  # newest first
+            if worker.serving_error and worker.last_seen >= recent:
+                return f"{worker.name}: {worker.serving_error}"
+        return None
 
 
 def _model_label(name: str | None, version: str | None, sha: str | None, untrained: bool | None = None) -> str:
@@ -94,6 +111,7 @@ def take_snapshot(session: Session, config: NodeConfig, *, latest: int = 50, now
     counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all()))
     latest_jobs = list(session.scalars(select(Job).order_by(Job.id.desc()).limit(latest)))
     alive_since = now - dt.timedelta(seconds=WORKER_ALIVE_S)
+    digest = config.shared_settings_digest()
     workers = [
         WorkerView(
             name=w.name,
@@ -101,7 +119,9 @@ def take_snapshot(session: Session, config: NodeConfig, *, latest: int = 50, now
             model=_model_label(w.model_name, w.model_version, w.checkpoint_sha256) if w.model_name else None,
             last_seen=w.last_seen,
             jobs_done=w.jobs_done or 0,
-            alive=w.last_seen >= alive_since,
+            alive=w.last_seen >= alive_since and not w.serving_error,
+            serving_error=w.serving_error,
+            same_settings=None if w.settings_digest is None else w.settings_digest == digest,
         )
         for w in session.scalars(select(WorkerRecord).order_by(WorkerRecord.last_seen.desc()).limit(100))
     ]
@@ -138,7 +158,15 @@ def take_snapshot(session: Session, config: NodeConfig, *, latest: int = 50, now
         inference_p50_ms=percentile(inference, 50),
         inference_p95_ms=percentile(inference, 95),
         model_served=_model_served(config, workers, latest_jobs),
+        spool_space=_spool_space(config),
     )
+
+
+def _spool_space(config: NodeConfig) -> SpoolSpace | None:
+    try:
+        return spool_space(config)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +215,18 @@ def _result(job: Job) -> str:
     return text
 
 
+def _objects(job: Job) -> str:
+    """The objects written for the job (SEG SR GSPS SC, delivery order), each with its SOP Instance UID."""
+    from node.outputs import DELIVERY_ORDER
+
+    cells = []
+    for kind in DELIVERY_ORDER:
+        uid = getattr(job, f"{kind}_sop_instance_uid", None)
+        if uid:
+            cells.append(f'<span data-object="{_e(kind)}" title="{_e(uid)}">{_e(str(kind).upper())}</span>')
+    return " ".join(cells)
+
+
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1b1f24;background:#f6f8fa}
 h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.4em 0 .4em}
@@ -201,6 +241,16 @@ border-radius:6px;padding:.5em .9em;min-width:9em} .card b{display:block;font-si
 """
 
 
+def _disk_card(space: SpoolSpace | None) -> str:
+    if space is None:
+        return '<div class=card id=disk><b>?</b>spool disk unreadable</div>'
+    state = ('<span class=s-FAILED>intake PAUSED: below the free-space watermark</span>' if space.low
+             else "intake open")
+    return (f'<div class=card id=disk data-paused="{str(space.low).lower()}"><b>{space.free_bytes / 2**30:.1f} GiB'
+            f'</b>free on the spool disk ({space.free_percent:.0f}%, watermark {space.min_free_bytes / 2**30:.1f} GiB)'
+            f' · {state}</div>')
+
+
 def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int = 10) -> str:
     s = snapshot
     out: list[str] = [
@@ -209,6 +259,8 @@ def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int
         f"<title>ptx-node {_e(config.scp.ae_title)} status</title><style>{_CSS}</style></head><body>",
         f"<h1>ptx-node <span class=muted>{_e(config.scp.ae_title)}</span></h1>",
         f'<div class=muted>at {_e(_time(s.taken_at))} UTC · model: <span id=model>{_e(s.model_served)}</span></div>',
+        *([f'<p class=err id=cannot-serve><b>No worker can serve: jobs wait QUEUED.</b> {_e(s.cannot_serve)}</p>']
+          if s.cannot_serve else []),
         "<h2>Now</h2><div class=cards>",
         f'<div class=card id=queue-depth><b>{s.queue_depth}</b>queue depth</div>',
         f'<div class=card id=running><b>{s.counts.get("RUNNING", 0) + s.counts.get("SENDING", 0)}</b>running or sending</div>',
@@ -216,6 +268,7 @@ def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int
         f'<div class=card id=throughput><b>{s.done_last_hour}</b>done in the last hour ({s.finished_last_hour} finished)</div>',
         f'<div class=card id=latency><b>{_e(_fmt_s(s.latency_p50_s))}</b>p50 latency · p95 {_e(_fmt_s(s.latency_p95_s))}</div>',
         f'<div class=card id=inference><b>{_e(_fmt_ms(s.inference_p50_ms))}</b>p50 inference · p95 {_e(_fmt_ms(s.inference_p95_ms))}</div>',
+        _disk_card(s.spool_space),
         "</div>",
         "<h2>Jobs by status</h2><table id=jobs-by-status><tr>",
     ]
@@ -226,7 +279,7 @@ def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int
 
     out.append("<h2>Latest jobs</h2><table id=latest-jobs><tr><th>job</th><th>status</th><th>received (UTC)</th>"
                "<th>from</th><th>modality / view</th><th>study</th><th>wait</th><th>run</th><th>inference</th>"
-               "<th>delivery</th><th>total</th><th>result</th><th>attempts</th><th>reason / error</th></tr>")
+               "<th>delivery</th><th>total</th><th>result</th><th>objects</th><th>attempts</th><th>reason / error</th></tr>")
     for job in s.latest_jobs:
         source = job.calling_ae or job.calling_host or ""
         end = job.delivered_at or job.finished_at
@@ -241,23 +294,27 @@ def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int
             f"<td class=num>{_fmt_ms(job.inference_ms) if job.inference_ms is not None else ''}</td>"
             f"<td class=num>{_seconds(job.delivered_at, job.finished_at)}</td>"
             f"<td class=num>{_seconds(end, job.received_at) if job.status == JobStatus.DONE else ''}</td>"
-            f"<td>{_e(_result(job))}</td><td class=num>{job.attempts or 0}</td>"
-            f"<td class=err>{_e(job.error)}</td></tr>"
+            f"<td>{_e(_result(job))}</td><td class=objects>{_objects(job)}</td><td class=num>{job.attempts or 0}</td>"
+            f"<td class=err>{_e(format_reason(job.reason_code, job.error))}</td></tr>"
         )
     if not s.latest_jobs:
-        out.append('<tr><td colspan=14 class=muted>no jobs yet</td></tr>')
+        out.append('<tr><td colspan=15 class=muted>no jobs yet</td></tr>')
     out.append("</table>")
 
     out.append("<h2>Workers</h2><table id=workers><tr><th>worker</th><th>device</th><th>model</th>"
-               "<th>last seen</th><th>jobs done</th><th>state</th></tr>")
+               "<th>last seen</th><th>jobs done</th><th>state</th><th>settings</th></tr>")
     for w in s.workers:
+        state = f"<span class=err>cannot serve: {_e(w.serving_error)}</span>" if w.serving_error else (
+            "alive" if w.alive else "gone")
+        settings = {None: "unknown", True: "same as node",
+                    False: "<span class=s-FAILED>DIFFERENT from the node</span>"}[w.same_settings]
         out.append(
-            f"<tr><td>{_e(w.name)}</td><td>{_e(w.device)}</td><td>{_e(w.model)}</td>"
+            f'<tr data-worker="{_e(w.name)}"><td>{_e(w.name)}</td><td>{_e(w.device)}</td><td>{_e(w.model)}</td>'
             f"<td>{_e(_ago(s.taken_at, w.last_seen))}</td><td class=num>{w.jobs_done}</td>"
-            f"<td>{'alive' if w.alive else 'gone'}</td></tr>"
+            f"<td>{state}</td><td>{settings}</td></tr>"
         )
     if not s.workers:
-        out.append('<tr><td colspan=6 class=muted>no worker has reported</td></tr>')
+        out.append('<tr><td colspan=7 class=muted>no worker has reported</td></tr>')
     out.append("</table>")
 
     out.append("<h2>Associations and STOW-RS requests</h2><table id=associations><tr><th>time (UTC)</th>"
@@ -267,7 +324,8 @@ def render_status_page(snapshot: Snapshot, config: NodeConfig, *, refresh_s: int
         out.append(
             f'<tr id="association-{a.id}"><td>{_e(_time(a.started_at))}</td><td>{_e(a.protocol)}</td>'
             f"<td>{_e(a.calling_ae)}</td><td>{_e(a.peer_address)}</td>"
-            f"<td>{'yes' if a.accepted else '<span class=s-FAILED>no</span>'}</td>"
+            f"<td>{'yes' if a.accepted else '<span class=s-FAILED>no</span>'}"
+            f"{f' <span class=refusals>({a.occurrences} times)</span>' if (a.occurrences or 1) > 1 else ''}</td>"
             f"<td class=num>{a.instances_accepted} / {a.instances_rejected}</td><td class=err>{_e(a.reject_reason)}</td></tr>"
         )
     if not s.associations:

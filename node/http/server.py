@@ -78,7 +78,7 @@ def start_http_server(config: NodeConfig, *, ready_timeout: float = 15.0) -> Htt
         uvicorn.Config(
             app,
             log_config=None,  # keep the node's logging setup
-            # Access logs would carry ?token= query strings.
+            # No access log: refused requests are counted in the association log instead, one row a minute.
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,

@@ -48,6 +48,17 @@ def software_versions(algorithm: AlgorithmInfo) -> list[str]:
     return [f"{MODEL_NAME} {node_version()}"[:64], f"{algorithm.name} {algorithm.version}"[:64]]
 
 
+def equipment(algorithm: AlgorithmInfo, options: OutputOptions) -> dict[str, object]:
+    """The General Equipment attributes of every object the node writes, as highdicom's
+    constructors take them: who made it, which software, which worker (the host)."""
+    return {
+        "manufacturer": options.manufacturer,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": software_versions(algorithm),
+        "device_serial_number": device_serial_number(),
+    }
+
+
 def check_uid(value: str, what: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
         raise ValueError(f"{what} must be a valid DICOM UID of at most 64 characters.")
@@ -85,7 +96,12 @@ def check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def series_description(kind: str, algorithm: AlgorithmInfo, options: OutputOptions) -> str:
-    """E.g. "PTX SEG UNTRAINED (NOT FOR DIAGNOSTIC USE)"; LO, so at most 64 characters."""
+    """E.g. "PTX SEG UNTRAINED (NOT FOR DIAGNOSTIC USE)"; LO, so at most 64 characters.
+
+    A model with a caveat (a demo model) is described by the caveat alone: it must fit.
+    """
+    if algorithm.caveat:
+        return algorithm.caveat.upper()
     text = f"PTX {kind}"
     if algorithm.untrained:
         text += f" {UNTRAINED}"
@@ -100,6 +116,8 @@ def algorithm_sentence(algorithm: AlgorithmInfo) -> str:
         text += f" ({UNTRAINED} MODEL: random weights, output is meaningless)"
     else:
         text += f" (checkpoint sha256 {algorithm.checkpoint_sha256})"
+    if algorithm.caveat:
+        text += f"; {algorithm.caveat}"
     return text + "."
 
 
@@ -127,3 +145,12 @@ def finding_sentence(prediction: PredictionLike) -> str:
             f"area {area_text(prediction)}, {int(prediction.n_components)} region(s)."
         )
     return f"{FINDING_NEGATIVE}: max probability {float(prediction.score):.2f}."
+
+
+def set_body_part(dataset: pydicom.Dataset, header: pydicom.Dataset) -> None:
+    """BodyPartExamined from the source, which tells validators the part is unpaired (no
+    Laterality due); without it, Laterality empty (Type 2C: "unknown")."""
+    if header.get("BodyPartExamined"):
+        dataset.BodyPartExamined = header.BodyPartExamined
+    else:
+        dataset.Laterality = ""

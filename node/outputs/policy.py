@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from node.outputs._common import PredictionLike
-from node.outputs.options import NegativePolicy, OutputOptions
+from node.outputs.options import DELIVERY_ORDER, OutputKind, OutputOptions
 
 __all__ = ["OutputPlan", "outputs_for"]
 
 
 @dataclass(frozen=True)
 class OutputPlan:
-    seg: bool
-    sc: bool
+    """The objects to write, in delivery order (SEG, SR, GSPS, SC)."""
+
+    kinds: tuple[OutputKind, ...]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self.kinds
+
+    def __iter__(self) -> Iterator[OutputKind]:
+        return iter(self.kinds)
+
+    @property
+    def seg(self) -> bool:
+        return OutputKind.SEG in self.kinds
+
+    @property
+    def sc(self) -> bool:
+        return OutputKind.SC in self.kinds
 
     @property
     def empty(self) -> bool:
-        return not (self.seg or self.sc)
+        return not self.kinds
 
 
 def outputs_for(prediction: PredictionLike, options: OutputOptions) -> OutputPlan:
-    """Positive: SEG and SC (as enabled). Negative: as `options.negative_policy` says."""
-    if prediction.positive:
-        return OutputPlan(seg=options.write_seg, sc=options.write_sc)
-    policy = NegativePolicy(options.negative_policy)
-    if policy is NegativePolicy.SEG_AND_SC:
-        return OutputPlan(seg=options.write_seg, sc=options.write_sc)
-    if policy is NegativePolicy.SC_ONLY:
-        return OutputPlan(seg=False, sc=options.write_sc)
-    return OutputPlan(seg=False, sc=False)
+    """`options.positive` or `options.negative`, in delivery order."""
+    wanted = set(options.positive if prediction.positive else options.negative)
+    return OutputPlan(tuple(kind for kind in DELIVERY_ORDER if kind in wanted))

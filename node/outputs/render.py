@@ -69,6 +69,8 @@ def banner_lines(algorithm: AlgorithmInfo, options: OutputOptions) -> list[str]:
         lines.append(DISCLAIMER)
     if algorithm.untrained:
         lines.append("UNTRAINED MODEL - RANDOM OUTPUT")
+    if algorithm.caveat:
+        lines.append(algorithm.caveat.upper())
     return lines
 
 

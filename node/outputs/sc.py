@@ -20,6 +20,7 @@ from node.outputs._common import (
     check_uid,
     finding_sentence,
     series_description,
+    set_body_part,
     software_versions,
     with_disclaimer,
 )
@@ -55,7 +56,7 @@ def build_overlay(
         raise TypeError("algorithm must be an AlgorithmInfo.")
 
     rgb = render_overlay(display, prediction, algorithm=algorithm, options=options)
-    header = sanitize_source(source)
+    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
     now = datetime.datetime.now()
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -81,11 +82,7 @@ def build_overlay(
     )
     # the overlay shares the source's pixel grid, hence its orientation; unknown stays empty
     sc.PatientOrientation = _patient_orientation(header)
-    if header.get("BodyPartExamined"):
-        # tells validators the body part is unpaired, so no Laterality is due
-        sc.BodyPartExamined = header.BodyPartExamined
-    else:
-        sc.Laterality = ""  # Type 2C: empty means "unknown"
+    set_body_part(sc, header)
     if header.get("LossyImageCompression") == "01":
         # pixels derived from a lossy source stay marked lossy (PS3.3 C.7.6.1.1.5)
         sc.LossyImageCompression = "01"

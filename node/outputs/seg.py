@@ -12,14 +12,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.outputs._common import (
-    MODEL_NAME,
     algorithm_sentence,
     check_mask,
     check_source,
     check_uid,
-    device_serial_number,
+    equipment,
     series_description,
-    software_versions,
     with_disclaimer,
 )
 from node.outputs.options import AlgorithmInfo, OutputOptions
@@ -33,6 +31,11 @@ _CONTENT_LABEL = "PNEUMOTHORAX"
 _IDENTITY_ORIENTATION = ["1", "0", "0", "0", "1", "0"]
 _ORIGIN = ["0", "0", "0"]
 _NOMINAL_SLICE_THICKNESS = "1"
+# said in the SEG whenever its PixelMeasures are the viewers' placeholder, not a calibration
+NOMINAL_SPACING_NOTE = (
+    "Pixel spacing 1 mm is nominal: the source image has no usable pixel spacing, "
+    "so no distance or area in this object is a measurement."
+)
 
 
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
@@ -72,7 +75,7 @@ def build_seg(
     if not isinstance(algorithm, AlgorithmInfo):
         raise TypeError("algorithm must be an AlgorithmInfo.")
 
-    header = sanitize_source(source)
+    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
     projection = not _has_patient_geometry(header)
     if projection and "FrameOfReferenceUID" in header:
         # a frame of reference without orientation/position cannot place the frame
@@ -98,10 +101,7 @@ def build_seg(
         series_number=options.seg_series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
-        manufacturer=options.manufacturer,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=software_versions(algorithm),
-        device_serial_number=device_serial_number(),
+        **equipment(algorithm, options),
         content_label=_CONTENT_LABEL,
         content_description=with_disclaimer("Pneumothorax segmentation", options)[:64],
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -111,11 +111,13 @@ def build_seg(
         series_time=now.time(),
         institution_name=options.institution_name,
     )
-    if projection:
-        _add_projection_geometry(seg)
+    nominal_spacing = projection and _add_projection_geometry(seg)
     if header.get("BodyPartExamined"):
         seg.BodyPartExamined = header.BodyPartExamined
-    seg.ImageComments = with_disclaimer(algorithm_sentence(algorithm), options)
+    comments = algorithm_sentence(algorithm)
+    if nominal_spacing:
+        comments += f" {NOMINAL_SPACING_NOTE}"
+    seg.ImageComments = with_disclaimer(comments, options)
     return seg
 
 
@@ -126,8 +128,9 @@ def _has_patient_geometry(header: pydicom.Dataset) -> bool:
     )
 
 
-def _add_projection_geometry(seg: hd.seg.Segmentation) -> None:
-    """PlaneOrientation (shared) and PlanePosition (per frame) for a radiograph without them.
+def _add_projection_geometry(seg: hd.seg.Segmentation) -> bool:
+    """PlaneOrientation (shared) and PlanePosition (per frame) for a radiograph without them;
+    True when the pixel spacing written is the nominal one (the source has none).
 
     OHIF 3 never loads a SEG of a projection image without these (DESIGN.md); no frame
     of reference is added, so dciodvfy does not ask for a slice thickness.
@@ -136,7 +139,8 @@ def _add_projection_geometry(seg: hd.seg.Segmentation) -> None:
     orientation = Dataset()
     orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION
     shared.PlaneOrientationSequence = [orientation]
-    if not shared.get("PixelMeasuresSequence"):
+    nominal = not shared.get("PixelMeasuresSequence")
+    if nominal:
         # No usable spacing in the source (RG1: PixelSpacing 0\0). OHIF 3.13 fails on a SEG
         # without PixelMeasures, so state a nominal 1 mm per pixel: the SEG shares the
         # source's grid, and the source itself carries no spacing to measure with.
@@ -152,3 +156,4 @@ def _add_projection_geometry(seg: hd.seg.Segmentation) -> None:
         position = Dataset()
         position.ImagePositionPatient = _ORIGIN
         frame_item.PlanePositionSequence = [position]
+    return nominal

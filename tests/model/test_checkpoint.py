@@ -109,10 +109,10 @@ def _write_manifest(saved, tmp_path: Path, **changes) -> Path:
 
 
 def test_unknown_format_version_is_refused(saved, tmp_path: Path) -> None:
-    path = _write_manifest(saved, tmp_path, format_version=2)
+    path = _write_manifest(saved, tmp_path, format_version=3)
     with pytest.raises(
         CheckpointError,
-        match=r"format_version 2 is not supported by this ptx-node \(it reads format_version 1\); "
+        match=r"format_version 3 is not supported by this ptx-node \(it reads format_version 1, 2\); "
         "upgrade ptx-node or re-export the checkpoint",
     ):
         load_checkpoint(path)

@@ -29,7 +29,19 @@ def test_seed_recipes_hold_the_published_settings() -> None:
     assert seed2.network.architecture == "unet" and seed2.optim.batch_size == 32
     assert (seed2.optim.lr, seed2.optim.min_lr) == (1e-4, 1e-6)
     assert seed2.early_stopping.monitor == "iou" and seed2.early_stopping.patience == 20
-    assert seed2.split.val_fraction == 0.15
+    assert seed2.split.val_fraction == 0.15 and seed2.split.test_fraction == 0.0
+    assert seed2.optim.epochs == 300 and seed2.tta == () and seed2.runtime.precision == "fp16"
+    assert seed2.augment.affine_p > 0 and seed2.augment.optical_distortion_p > 0
+    assert seed2.threshold_search.objective == "pixel_iou"
+    assert 0.05 in seed2.threshold_search.thresholds and 0 in seed2.threshold_search.min_areas
+    assert seed1.preprocess_config.scaling == "minmax" and seed1.early_stopping.validation_tta
+    for name in ("resnet50", "efficientnet_b4", "xception"):
+        backbone = load_config(f"backbones_{name}")
+        assert backbone.input_size == 256 and backbone.preprocess_config.scaling == "unit"
+        assert backbone.early_stopping.monitor == "dice" and backbone.split.test_fraction > 0
+        augment = backbone.augment
+        assert min(augment.affine_p, augment.hflip_p, augment.crop_p, augment.brightness_contrast_p,
+                   augment.noise_p, augment.elastic_p) > 0
     default = load_config("default_unetpp_b4_512")
     assert default.sampler.kind == "positive_fraction" and default.threshold_search.mode == "triplet"
     assert {load_config(f"backbones_{n}").network.encoder for n in ("resnet50", "efficientnet_b4", "xception")} == {

@@ -103,3 +103,20 @@ def test_kfold_split_covers_every_image_once() -> None:
     assert sorted(seen) == sorted(ids)
     with pytest.raises(ValueError, match="Fold 5 does not exist"):
         split.train_val(5)
+
+
+def test_kfold_tune_split_is_stratified_apart_and_keeps_old_hashes(tmp_path: Path) -> None:
+    ids = [f"id{i:03d}" for i in range(60)]
+    positive = [i % 3 == 0 for i in range(60)]
+    plain = data.kfold_split(ids, positive, n_folds=3, seed=1, test_fraction=0.1)
+    assert "tune_fraction" not in plain.to_dict()  # splits written before tune_fraction keep their sha256
+    split = data.kfold_split(ids, positive, n_folds=3, seed=1, test_fraction=0.1, tune_fraction=0.1)
+    tune, test = set(split.tune_ids()), set(split.test_ids())
+    assert len(tune) == 6 and sum(split.positive[i] for i in tune) == 2 and not tune & test
+    assert test == set(plain.test_ids())  # the test split does not move when a tune split is added
+    for fold in range(3):
+        train, val = split.train_val(fold)
+        assert not tune & (set(train) | set(val))
+    assert data.read_split(data.write_split(tmp_path / "split.json", split)) == split
+    with pytest.raises(ValueError, match="test_fraction \\+ tune_fraction must be in"):
+        data.kfold_split(ids, positive, n_folds=3, test_fraction=0.5, tune_fraction=0.5)

@@ -160,3 +160,23 @@ def test_read_rejects_wrong_header(tmp_path: Path) -> None:
     path.write_text("id,pixels\nx,-1\n")
     with pytest.raises(ValueError, match="lacks ImageId"):
         rle.read_rle_csv(path)
+
+
+def test_absolute_start_convention_is_a_setting(tmp_path) -> None:
+    from trainer import data
+
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 2] = True  # column-major pixels 9 and 10
+    assert rle.decode("9 2", (4, 4), encoding="absolute").tolist() == mask.tolist()
+    assert rle.decode("10 2", (4, 4), encoding="absolute", absolute_start=1).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="absolute_start must be 0 or 1"):
+        rle.decode("9 2", (4, 4), encoding="absolute", absolute_start=2)
+    import os
+
+    os.environ[data.RLE_ABSOLUTE_START_ENV] = "2"
+    try:
+        with pytest.raises(ValueError, match="must be 0 or 1"):
+            data._rle_absolute_start()
+    finally:
+        del os.environ[data.RLE_ABSOLUTE_START_ENV]
+    assert data._rle_absolute_start() == 0

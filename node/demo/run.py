@@ -22,9 +22,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from node.config import write_config_file
-from node.pacs import LocalOrthanc, free_port, wait_until
+from node.demo.pacs import LocalOrthanc, free_port, wait_until
+from node.demo.receiver import FolderReceiver
 from node.proc import die_with_parent
-from node.receiver import FolderReceiver
 
 __all__ = ["run_demo"]
 
@@ -53,6 +53,50 @@ def _send_pynetdicom(paths: list[Path], port: int, ae_title: str) -> None:
             print(f"  sent {Path(ds.filename).name}: status 0x{code:04X}")
     finally:
         assoc.release()
+
+
+def _returned_seg(job: Any, pacs: Any, use_orthanc: bool, out: Path) -> Any:
+    """The SEG of ``job`` as the PACS received it, or None."""
+    from io import BytesIO
+
+    uid = job.seg_sop_instance_uid
+    if not uid:
+        return None
+    if use_orthanc:
+        ids = pacs.find_sop(uid)
+        return dcmread(BytesIO(pacs.instance_file(ids[0]))) if ids else None
+    path = out / "received" / f"{uid}.dcm"
+    return dcmread(path) if path.is_file() else None
+
+
+def _phantom_dice(known_mask: Path, jobs: list[Any], pacs: Any, use_orthanc: bool, out: Path) -> str:
+    """``phantom Dice vs known mask: 0.NN`` for the SEG that came back, at the phantom's resolution."""
+    import cv2
+    import highdicom as hd
+    import numpy as np
+
+    truth = cv2.imread(str(known_mask), cv2.IMREAD_GRAYSCALE)
+    if truth is None:
+        return f"phantom Dice vs known mask: n/a (cannot read {known_mask})"
+    truth = truth > 127
+    job = next((j for j in jobs if j.sop_instance_uid == known_mask.stem), None)
+    if job is None:
+        return f"phantom Dice vs known mask: n/a (no job for SOP Instance {known_mask.stem})"
+    seg_dataset = _returned_seg(job, pacs, use_orthanc, out)
+    if seg_dataset is None:
+        predicted = np.zeros_like(truth)  # no SEG: the node found nothing
+        note = " (no SEG came back: nothing found)"
+    else:
+        seg = hd.seg.Segmentation.from_dataset(seg_dataset)
+        predicted = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[job.sop_instance_uid], segment_numbers=[1], ignore_spatial_locations=True,
+        )[0, :, :, 0].astype(bool)
+        note = ""
+    if predicted.shape != truth.shape:
+        return f"phantom Dice vs known mask: n/a (SEG is {predicted.shape}, mask {truth.shape})"
+    total = int(predicted.sum()) + int(truth.sum())
+    dice = 1.0 if total == 0 else 2.0 * int((predicted & truth).sum()) / total
+    return f"phantom Dice vs known mask: {dice:.2f}{note}"
 
 
 def _write_config(out: Path, scp_port: int, destination: dict[str, Any], checkpoint: str | None) -> Path:
@@ -115,8 +159,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
         from sqlalchemy import select
 
-        from node.cli import format_job_table
         from node.db import TERMINAL_STATUSES, Job, get_sessionmaker
+        from node.report import format_job_table
 
         factory = get_sessionmaker(f"sqlite:///{out / 'jobs.sqlite'}")
 
@@ -148,6 +192,8 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"browse them in Orthanc Explorer: {pacs.url}/app/explorer.html (stopped when the demo ends)")
         else:
             print(f"received by the PACS: {sorted(p.name for p in (out / 'received').glob('*.dcm'))}")
+        for known_mask in getattr(args, "known_mask", None) or []:
+            print(_phantom_dice(Path(known_mask), jobs, pacs, use_orthanc, out))
         print(f"\njobs database: {out / 'jobs.sqlite'}  (try: ptx-node jobs --config {config_path})")
         return 0 if all(j.status != "FAILED" for j in jobs) else 1
     finally:

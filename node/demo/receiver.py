@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class FolderReceiver:
-    def __init__(self, folder: Path, *, ae_title: str = "RECEIVER", port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, folder: Path, *, ae_title: str = "RECEIVER", port: int = 0, host: str = "127.0.0.1",
+                 sop_classes: list[str] | None = None) -> None:
         self.folder = Path(folder)
+        # Storage SOP classes offered (default: all), e.g. a PACS that takes no SEG.
+        self._sop_classes = sop_classes
         self.ae_title = ae_title
         self._address = (host, port)
         self._server: Any = None
@@ -39,8 +42,9 @@ class FolderReceiver:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        offered = self._sop_classes or [str(c.abstract_syntax) for c in AllStoragePresentationContexts]
+        for sop_class in offered:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._server = ae.start_server(self._address, block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
         return self
 
