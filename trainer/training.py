@@ -844,6 +844,7 @@ def _write_ensemble(
     """
     from model.checkpoint import read_manifest, save_ensemble, write_manifest
     from model.infer import Segmenter
+    from trainer.evaluate import _probabilities as _both_views
 
     if len(results) < 2:
         raise ValueError(f"serve.ensemble needs at least 2 trained folds; this run trained {len(results)}.")
@@ -883,8 +884,15 @@ def _write_ensemble(
     net_input = cache.images[index].astype(np.float32)
     truths = cache.masks[index] > 0
     scale = cache.ref_px_per_net_px[index]
-    searches = {tta: search_postprocess(segmenter.predict_probability_net(net_input, tta=tta), truths, scale,
-                                        config.threshold_search) for tta in (False, True)}
+    # Both modes' probabilities from one pass over the tune split (2 forwards per member), hflip
+    # computed even when the recipe serves no TTA: evaluate.py scores its hflip column with "tta".
+    views = {mode: np.empty_like(net_input) for mode in ("plain", "tta")}
+    for start in range(0, len(net_input), segmenter.max_batch_size):
+        chunk = _both_views(segmenter, net_input[start:start + segmenter.max_batch_size])
+        for mode, probability in chunk.items():
+            views[mode][start:start + len(probability)] = probability
+    searches = {tta: search_postprocess(views["tta" if tta else "plain"], truths, scale, config.threshold_search)
+                for tta in (False, True)}
     search = searches["hflip" in config.tta]
     info["postprocess_tuned_on"] = {"split": "tune", "n_images": len(tune_ids)}
     metrics = {
