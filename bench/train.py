@@ -126,7 +126,7 @@ class _NumpySegmentationSet(torch.utils.data.Dataset):
 
 def plain_smp_loop(
     images: np.ndarray, masks: np.ndarray, *, device: str, batch: int, warmup: int, steps: int, workers: int,
-    config: TrainConfig | None = None,
+    config: TrainConfig,
 ) -> dict[str, Any]:
     """The published baseline: NCHW, autocast bf16, Adam, BCE + Dice, DataLoader from numpy,
     on the recipe's network (UNet++ / EfficientNet-B4 by default)."""
@@ -134,12 +134,9 @@ def plain_smp_loop(
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    network_options = config.network if config is not None else None
-    network = build_network(  # smp model, encoder_weights=None
-        network_options.architecture if network_options else "unetplusplus",
-        network_options.encoder if network_options else "efficientnet-b4",
-        decoder_channels=network_options.decoder_channels if network_options else None,
-    ).to(dev)
+    n = config.network
+    # smp model, encoder_weights=None
+    network = build_network(n.architecture, n.encoder, decoder_channels=n.decoder_channels).to(dev)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
     bce = torch.nn.BCEWithLogitsLoss()
     dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
