@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
 from celery import Celery
 from sqlalchemy import update
 
 from node.config import NodeConfig
-from node.db import Job, JobStatus, db_utcnow, get_sessionmaker
+from node.db import Job, JobStatus, db_utcnow, get_sessionmaker, sqlite_file
 
 __all__ = ["RUN_JOB", "app", "configure_app", "enqueue_job", "enqueue_jobs", "ptx_task"]
 
@@ -73,10 +72,10 @@ def _sqlite_wal(url: str) -> None:
     publish instead of the rollback journal's several, and readers never block writers."""
     import sqlite3
 
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    if not path or path == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
 
@@ -93,12 +92,12 @@ def ptx_task(**options: Any):
     return app.task(**defaults)
 
 
-def enqueue_job(config: NodeConfig, job_id: int, *, countdown: float | None = None) -> bool:
+def enqueue_job(config: NodeConfig, job_id: int) -> bool:
     """Publish the job's task; mark the row QUEUED. Never raises: the sweeper retries."""
-    return bool(enqueue_jobs(config, [job_id], countdown=countdown))
+    return bool(enqueue_jobs(config, [job_id]))
 
 
-def enqueue_jobs(config: NodeConfig, job_ids: list[int], *, countdown: float | None = None) -> list[int]:
+def enqueue_jobs(config: NodeConfig, job_ids: list[int]) -> list[int]:
     """Publish each job's task, then mark the published rows QUEUED in one commit.
 
     Returns the ids published. Never raises: rows left unpublished stay as they are and
@@ -111,7 +110,6 @@ def enqueue_jobs(config: NodeConfig, job_ids: list[int], *, countdown: float | N
             app.send_task(
                 RUN_JOB,
                 kwargs={"job_id": job_id},
-                countdown=countdown,
                 retry=True,
                 retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
             )

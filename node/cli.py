@@ -20,6 +20,7 @@ from typing import Any
 
 from node.config import CONFIG_FILE_ENV, ConfigError, NodeConfig, load_config
 from node.proc import die_with_parent
+from node.reasons import first_line
 from node.report import format_job_table, format_table
 
 __all__ = ["main"]
@@ -133,11 +134,11 @@ def _open_database(config: NodeConfig) -> Any:
     creates an empty database where the admin expected theirs."""
     from alembic.runtime.migration import MigrationContext
 
-    from node.db import get_engine, get_sessionmaker, migrate
+    from node.db import get_engine, get_sessionmaker, migrate, sqlite_file
 
-    match = re.match(r"^sqlite:///(.+)$", config.database_url)
-    if match and match.group(1) != ":memory:" and not Path(match.group(1)).exists():
-        _fail(f"no job database at {match.group(1)} ({_config_source()})")
+    database_file = sqlite_file(config.database_url)
+    if database_file is not None and not database_file.exists():
+        _fail(f"no job database at {database_file} ({_config_source()})")
     with get_engine(config.database_url).connect() as connection:
         revision = MigrationContext.configure(connection).get_current_revision()
     if revision is None:  # a database, but not the node's: the admin named the wrong one
@@ -231,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.gc import RetentionThread, remove_leftover_temporaries
     from node.preflight import config_problems, connection_problems
     from node.probe import DestinationProber
-    from node.scp import Enqueuer, ScpConfigError, StoreSCP
+    from node.scp import Enqueuer, StoreSCP
     from node.sweeper import Sweeper
     from node.tls import TlsConfigError
 
@@ -248,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     enqueuer = Enqueuer(config)
     try:
         scp = StoreSCP(config, enqueuer)
-    except (ScpConfigError, TlsConfigError) as exc:
+    except TlsConfigError as exc:
         _fail(str(exc), code=2)
     enqueuer.start()
     scp.start()
@@ -657,11 +658,10 @@ def describe_startup_error(exc: BaseException) -> str | None:
     from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
     if isinstance(exc, (DBAPIError, ArgumentError, NoSuchModuleError)):
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         where = f" {_database_label(_loaded)}" if _loaded is not None else ""
-        return f"job database{where}: {detail[0] if detail else type(exc).__name__}"
+        return f"job database{where}: {first_line(exc)}"
     if isinstance(exc, ConfigError | PermissionError | FileNotFoundError | OSError):
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return None
 
 

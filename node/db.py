@@ -31,7 +31,7 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
@@ -51,6 +51,8 @@ __all__ = [
     "get_engine",
     "get_sessionmaker",
     "migrate",
+    "sqlite_file",
+    "upsert_insert",
     "utcnow",
 ]
 
@@ -303,6 +305,24 @@ class MetricCounter(Base):
 _engines: dict[str, Engine] = {}
 _sessionmakers: dict[str, sessionmaker] = {}
 _lock = threading.Lock()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL; None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def upsert_insert(bind: Any, table: Any) -> Any:
+    """An INSERT that has ``on_conflict_do_nothing/update`` for the bind's dialect (SQLite and
+    PostgreSQL, the two the node supports)."""
+    if bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

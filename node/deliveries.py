@@ -19,6 +19,7 @@ from sqlalchemy import select
 from node.config import NodeConfig
 from node.db import Delivery, DeliveryStatus, Job, database_now, get_sessionmaker
 from node.lease import Lease, hold
+from node.outputs.options import DELIVERY_ORDER as OUTPUT_ORDER
 
 __all__ = [
     "DELIVERY_ORDER",
@@ -43,13 +44,10 @@ class DeliveredObject:
     uid_column: str  # the Job column holding its SOP Instance UID
 
 
-# Delivery order (the SEG first: it is ready first, and the SR refers to it; the slow
-# overlay last); the same order as node.outputs.DELIVERY_ORDER.
-DELIVERY_ORDER: tuple[DeliveredObject, ...] = (
-    DeliveredObject("SEG", "seg.dcm", "seg_sop_instance_uid"),
-    DeliveredObject("SR", "sr.dcm", "sr_sop_instance_uid"),
-    DeliveredObject("GSPS", "gsps.dcm", "gsps_sop_instance_uid"),
-    DeliveredObject("SC", "sc.dcm", "sc_sop_instance_uid"),
+# Delivery order, node.outputs.DELIVERY_ORDER: the SEG first (it is ready first, and the
+# SR refers to it), the slow overlay last.
+DELIVERY_ORDER: tuple[DeliveredObject, ...] = tuple(
+    DeliveredObject(kind.upper(), f"{kind}.dcm", f"{kind}_sop_instance_uid") for kind in OUTPUT_ORDER
 )
 
 
@@ -74,10 +72,6 @@ class OutputFiles:
     sr: Path | None = None
     gsps: Path | None = None
 
-    def dicom_paths(self) -> list[Path]:
-        """The written objects in delivery order: SEG, SR, GSPS, SC."""
-        return [p for p in (self.seg, self.sr, self.gsps, self.sc) if p is not None and p.exists()]
-
     def path_of(self, kind: str) -> Path | None:
         return getattr(self, kind)
 
@@ -86,13 +80,9 @@ def output_files(job: Job) -> OutputFiles:
     base = Path(job.output_dir) if job.output_dir else None
     if base is None:
         return OutputFiles(None, None, None)
-    return OutputFiles(
-        base / "seg.dcm" if job.seg_sop_instance_uid else None,
-        base / "sc.dcm" if job.sc_sop_instance_uid else None,
-        base / "overlay.png" if job.sc_sop_instance_uid else None,
-        sr=base / "sr.dcm" if job.sr_sop_instance_uid else None,
-        gsps=base / "gsps.dcm" if job.gsps_sop_instance_uid else None,
-    )
+    written = {obj.kind.lower(): base / obj.filename if getattr(job, obj.uid_column) else None
+               for obj in DELIVERY_ORDER}
+    return OutputFiles(png=base / "overlay.png" if job.sc_sop_instance_uid else None, **written)
 
 
 def deliver_pending(config: NodeConfig, lease: Lease, *, kinds: frozenset[str] | None = None) -> int:

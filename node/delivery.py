@@ -30,7 +30,6 @@ __all__ = [
     "open_association",
     "send_dimse",
     "send_objects",
-    "send_to_destination",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,12 +180,6 @@ def _stow_one(dest: Destination, path: Path) -> ObjectResult:
     except StowError as exc:
         return ObjectResult(path, SendOutcome.REFUSED if exc.permanent else SendOutcome.FAILED, str(exc))
     return ObjectResult(path, SendOutcome.STORED)
-
-
-def send_to_destination(config: NodeConfig, dest: Destination, paths: list[Path]) -> int:
-    """Send every file to one destination; returns how many it stored, raises
-    ``DeliveryError`` naming the first that was not."""
-    return _all_stored(dest, send_objects(config, dest, paths))
 
 
 def send_dimse(dest: Destination, paths: list[Path], *, calling_ae_title: str, timeout_s: float) -> int:

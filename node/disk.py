@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.config import NodeConfig
+from node.db import sqlite_file
 
 __all__ = ["SpoolFullError", "SpoolSpace", "check_spool_space", "spool_space"]
 
@@ -49,28 +50,22 @@ class SpoolSpace:
                 f"intake needs {self.min_free_bytes / _MB:.0f} MB{reserve}")
 
 
-def _existing(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def _sqlite_path(database_url: str) -> Path | None:
-    if not database_url.startswith("sqlite:///"):
-        return None
-    path = database_url.split(":///", 1)[1]
-    return Path(path) if path and path != ":memory:" else None
-
-
 def spool_space(config: NodeConfig) -> SpoolSpace:
     """One statvfs call: cheap enough to run before every instance."""
-    spool = _existing(config.spool_dir)
+    spool = existing_parent(config.spool_dir)
     usage = shutil.disk_usage(spool)
     disk = config.disk
     threshold = max(disk.min_free_mb * _MB, disk.min_free_percent / 100.0 * usage.total)
     reserve = 0
-    database = _sqlite_path(config.database_url)
-    if database is not None and os.stat(_existing(database)).st_dev == os.stat(spool).st_dev:
+    database = sqlite_file(config.database_url)
+    if database is not None and os.stat(existing_parent(database)).st_dev == os.stat(spool).st_dev:
         reserve = int(disk.database_reserve_mb * _MB)
     return SpoolSpace(free_bytes=usage.free, total_bytes=usage.total, min_free_bytes=int(threshold) + reserve,
                       database_reserve_bytes=reserve)

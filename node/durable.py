@@ -29,7 +29,7 @@ def write_durably(ds: Dataset, path: Path, *, file_meta: FileMetaDataset | None 
             if file_meta is not None:
                 ds.file_meta = file_meta
             ds.save_as(fh, enforce_file_format=True)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -48,12 +48,13 @@ def _replacing(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder by name."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def move_durably(source: Path, path: Path) -> None:
@@ -67,9 +68,5 @@ def move_durably(source: Path, path: Path) -> None:
         with _replacing(path) as out, open(source, "rb") as src:
             shutil.copyfileobj(src, out, _CHUNK)
     else:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(path.parent)
+        _fsync_path(path)
+    _fsync_path(path.parent)

@@ -25,7 +25,7 @@ from pydicom.uid import UID
 from sqlalchemy import select, update
 
 from node.config import DEFAULT_MAX_DECODED_BYTES, NodeConfig
-from node.db import Delivery, DeliveryStatus, Job, JobStatus, get_engine, utcnow
+from node.db import Delivery, DeliveryStatus, Job, JobStatus, get_engine, upsert_insert, utcnow
 from node.disk import check_spool_space
 from node.durable import (
     move_durably,
@@ -34,6 +34,7 @@ from node.durable import (
 from node.metrics import count_event
 from node.outputs.sanitize import check_identity
 from node.reasons import JobReason, ReasonCode, RefusedInstance, code_value
+from node.received import pixel_data_sha256
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -184,14 +185,6 @@ def spool_filename(sop_instance_uid: str, pixel_sha256: str) -> str:
     return f"{clean}.{pixel_sha256[:12]}.dcm"
 
 
-def _pixel_sha256(ds: Dataset) -> str:
-    digest = hashlib.sha256()
-    pixel_data = ds.get((0x7FE0, 0x0010))
-    if pixel_data is not None and pixel_data.value is not None:
-        digest.update(pixel_data.value)
-    return digest.hexdigest()
-
-
 _salts: dict[Path, bytes] = {}
 
 
@@ -258,7 +251,7 @@ def accept_instance(
     transfer_syntax = None
     if file_meta is not None and "TransferSyntaxUID" in file_meta:
         transfer_syntax = str(file_meta.TransferSyntaxUID)
-    pixel_sha256 = pixel_sha256 or _pixel_sha256(ds)
+    pixel_sha256 = pixel_sha256 or pixel_data_sha256(ds)
     verdict = selection_verdict(ds, min_image_size=config.scp.min_image_size,
                                 max_decoded_bytes=config.scp.max_decoded_bytes, transfer_syntax=transfer_syntax)
     reason = None if verdict is None else verdict.sentence
@@ -307,7 +300,7 @@ def accept_instance(
         row["spool_path"] = str(spool())
     # The unique key decides between two associations racing with the same image.
     with engine.begin() as conn:
-        inserted = conn.execute(_insert_once(engine).values(**row)
+        inserted = conn.execute(upsert_insert(engine, Job).values(**row)
                                 .on_conflict_do_nothing(index_elements=["sop_instance_uid", "pixel_sha256"])
                                 .returning(Job.id)).first()
         if inserted is not None:
@@ -322,15 +315,6 @@ def accept_instance(
         return IntakeResult(IntakeOutcome.SKIPPED, job_id, reason)
     log.info("job %s: RECEIVED instance %s (study %s)", job_id, sop_instance_uid, row["study_instance_uid"])
     return IntakeResult(IntakeOutcome.QUEUED, job_id)
-
-
-def _insert_once(engine: Any) -> Any:
-    """INSERT ... ON CONFLICT for the job table's dialect (SQLite and PostgreSQL both have it)."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(Job)
 
 
 def _existing_job(engine: Any, sop_instance_uid: str, pixel_sha256: str) -> Any:

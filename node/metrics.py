@@ -50,8 +50,10 @@ from node.db import (
     WorkerRecord,
     get_engine,
     get_sessionmaker,
+    upsert_insert,
     utcnow,
 )
+from node.reasons import first_line
 
 __all__ = [
     "CONTENT_TYPE",
@@ -187,11 +189,7 @@ def count_event(target: str | Connection, name: str, labels: dict[str, str] | No
     values = {"name": name, "labels": _label_key(labels), "value": float(amount)}
 
     def upsert(connection: Connection) -> None:
-        if connection.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        statement = insert(MetricCounter).values(**values)
+        statement = upsert_insert(connection, MetricCounter).values(**values)
         connection.execute(statement.on_conflict_do_update(
             index_elements=["name", "labels"], set_={"value": MetricCounter.value + statement.excluded.value}))
 
@@ -204,7 +202,7 @@ def count_event(target: str | Connection, name: str, labels: dict[str, str] | No
     except Exception as exc:  # a lost count must not fail the job that it counts
         import logging
 
-        logging.getLogger(__name__).warning("could not count %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+        logging.getLogger(__name__).warning("could not count %s: %s", name, first_line(exc))
 
 
 def process_registry() -> CollectorRegistry:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.config import NodeConfig
+from node.disk import existing_parent
+from node.reasons import first_line
 
 __all__ = ["ServingProblem", "config_problems", "connection_problems", "worker_problem"]
 
@@ -48,9 +50,7 @@ def _checkpoint_present(config: NodeConfig) -> str | None:
 
 
 def _spool_writable(spool_dir: Path) -> str | None:
-    existing = spool_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_parent(spool_dir)
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"spool_dir {spool_dir}: {existing} is not writable by this user"
     return None
@@ -105,11 +105,6 @@ def _tls_problems(config: NodeConfig, role: str) -> list[str]:
     return problems
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def connection_problems(config: NodeConfig) -> list[str]:
     """The job database and the broker answer (a short timeout each)."""
     from sqlalchemy import text
@@ -122,7 +117,7 @@ def connection_problems(config: NodeConfig) -> list[str]:
         with get_engine(config.database_url).connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:  # any driver error is the same answer: not reachable
-        problems.append(f"cannot use the job database {redacted['database_url']}: {_first_line(exc)}")
+        problems.append(f"cannot use the job database {redacted['database_url']}: {first_line(exc)}")
     if not config.embedded_broker:
         from kombu import Connection
 
@@ -130,7 +125,7 @@ def connection_problems(config: NodeConfig) -> list[str]:
             with Connection(config.broker_url, connect_timeout=5) as broker:
                 broker.ensure_connection(max_retries=1, timeout=5)
         except Exception as exc:  # kombu wraps each transport's errors differently
-            problems.append(f"cannot reach the broker {redacted['broker_url']}: {_first_line(exc)}")
+            problems.append(f"cannot reach the broker {redacted['broker_url']}: {first_line(exc)}")
     return problems
 
 

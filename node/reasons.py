@@ -18,6 +18,7 @@ __all__ = [
     "RefusedInstance",
     "code_value",
     "exception_text_in",
+    "first_line",
     "format_reason",
 ]
 
@@ -80,6 +81,13 @@ def exception_text_in(text: str | None) -> str | None:
         return None
     match = _EXCEPTION_TEXT.search(text)
     return match.group(0) if match else None
+
+
+def first_line(exc: BaseException) -> str:
+    """One line of an exception for a log line or a start-up message (never a job's reason):
+    the driver's own message for a SQLAlchemy error, else the first line, else the type."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def format_reason(code: str | None, sentence: str | None) -> str:

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-__all__ = ["ReceivedInstance", "read_received"]
+__all__ = ["ReceivedInstance", "pixel_data_sha256", "read_received"]
 
 _PIXEL_DATA = 0x7FE00010
 _DEFER_BYTES = 64 * 1024
@@ -47,6 +47,12 @@ def _hash_range(path: Path, offset: int, length: int) -> str:
     return digest.hexdigest()
 
 
+def pixel_data_sha256(ds: Dataset) -> str:
+    """The job's pixel hash: sha256 of the Pixel Data value as stored (empty when absent)."""
+    pixel_data = ds.get(_PIXEL_DATA)
+    return hashlib.sha256(pixel_data.value if pixel_data is not None and pixel_data.value else b"").hexdigest()
+
+
 def read_received(path: Path) -> ReceivedInstance:
     """Header and pixel hash of a received DICOM file (the same hash intake computes
     from a decoded data set). Raises what pydicom raises on a file it cannot read."""
@@ -54,17 +60,14 @@ def read_received(path: Path) -> ReceivedInstance:
     if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         # Offsets in a deflated file are not file offsets: read it whole (a rare syntax).
         ds = pydicom.dcmread(path)
-        pixel_data = ds.get(_PIXEL_DATA)
-        digest = hashlib.sha256(pixel_data.value if pixel_data is not None and pixel_data.value else b"")
-        return ReceivedInstance(path, ds, digest.hexdigest())
+        return ReceivedInstance(path, ds, pixel_data_sha256(ds))
     ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     if _PIXEL_DATA not in ds:
-        return ReceivedInstance(path, ds, hashlib.sha256().hexdigest())
+        return ReceivedInstance(path, ds, pixel_data_sha256(ds))
     raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)  # the element header, not its value
     value = getattr(raw, "value", None)
     length = getattr(raw, "length", 0)
     if value is None and length and length != _UNDEFINED_LENGTH:
         return ReceivedInstance(path, ds, _hash_range(path, raw.value_tell, length))
     # Small or encapsulated pixel data was read with the header.
-    data = ds[_PIXEL_DATA].value
-    return ReceivedInstance(path, ds, hashlib.sha256(data or b"").hexdigest())
+    return ReceivedInstance(path, ds, pixel_data_sha256(ds))

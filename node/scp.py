@@ -261,7 +261,8 @@ class StoreSCP:
 
     # --- association log -------------------------------------------------------------
 
-    def _record_association(self, event: Any, *, accepted: bool, reason: str | None) -> int | None:
+    def _record_association(self, event: Any) -> int | None:
+        """An accepted association's row (refusals are counted by node.refusals)."""
         requestor = event.assoc.requestor
         factory = get_sessionmaker(self.config.database_url)
         try:
@@ -272,14 +273,12 @@ class StoreSCP:
                     called_ae=_called_ae_title(event)[:16],
                     peer_address=str(requestor.address)[:64],
                     peer_port=int(requestor.port or 0),
-                    accepted=accepted,
-                    reject_reason=reason,
-                    ended_at=None if accepted else utcnow(),
+                    accepted=True,
                 )
                 session.add(row)
                 session.flush()
                 count_event(session.connection(), "ptx_associations_total",
-                            {"protocol": "dimse", "accepted": "true" if accepted else "false"})
+                            {"protocol": "dimse", "accepted": "true"})
                 session.commit()
                 return row.id
         except SQLAlchemyError:
@@ -329,7 +328,7 @@ class StoreSCP:
         if self._ssl_context is not None:
             subject = peer_certificate_subject(event.assoc.dul.socket.socket)
             log.info("association from %r at %s over TLS, client certificate %s", calling, address, subject or "none")
-        row_id = self._record_association(event, accepted=True, reason=None)
+        row_id = self._record_association(event)
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats(row_id=row_id)
         if self.enqueuer is not None:

@@ -22,6 +22,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from node.config import NodeConfig
 from node.db import WorkerRecord, dispose_engines, get_sessionmaker, utcnow
 from node.preflight import ServingProblem, worker_problem
+from node.reasons import first_line
 from node.tasks import app, set_worker_config, worker_config
 
 __all__ = ["EXIT_CANNOT_SERVE", "record_cannot_serve", "run_worker"]
@@ -44,7 +45,7 @@ def _heartbeat(config: NodeConfig) -> None:
         try:
             record_worker(config, get_segmenter(config))
         except Exception as exc:  # the database may be down for a moment; say so once per beat
-            log.warning("worker heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("worker heartbeat failed: %s", first_line(exc))
         if _heartbeat_stop.wait(15.0):
             return
 
@@ -67,8 +68,7 @@ def record_cannot_serve(config: NodeConfig, problem: ServingProblem) -> None:
             record.serving_error_code = problem.code
             session.commit()
     except Exception as exc:  # the reason is still on stderr
-        log.warning("could not record in the database why this worker cannot serve: %s",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning("could not record in the database why this worker cannot serve: %s", first_line(exc))
     count_event(config.database_url, "ptx_worker_start_failures_total", {"reason": problem.code})
 
 

@@ -270,7 +270,7 @@ def store_parts(
                         int(item.failure_reason), item.detail)
     _log_association(
         config, peer_address=peer_address, peer_port=peer_port, caller=caller, started_at=started_at,
-        accepted=True, reject_reason=None, n_accepted=len(outcome.stored), n_rejected=len(outcome.failed),
+        n_accepted=len(outcome.stored), n_rejected=len(outcome.failed),
     )
     return outcome
 
@@ -290,8 +290,6 @@ def _log_association(
     peer_port: int | None,
     caller: str | None,
     started_at: Any,
-    accepted: bool,
-    reject_reason: str | None,
     n_accepted: int,
     n_rejected: int,
 ) -> None:
@@ -306,15 +304,14 @@ def _log_association(
                     peer_port=peer_port,
                     started_at=started_at,
                     ended_at=utcnow(),
-                    accepted=accepted,
-                    reject_reason=reject_reason,
+                    accepted=True,
                     instances_accepted=n_accepted,
                     instances_rejected=n_rejected,
                 )
             )
             session.flush()
             count_event(session.connection(), "ptx_associations_total",
-                        {"protocol": "stow", "accepted": "true" if accepted else "false"})
+                        {"protocol": "stow", "accepted": "true"})
             session.commit()
     except Exception:  # the log must not turn a stored upload into a failure
         log.exception("STOW-RS: could not record the request in the association log")
