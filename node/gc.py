@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from sqlalchemy import delete, func, select
 
 from node.config import NodeConfig
 from node.db import TERMINAL_STATUSES, Association, Delivery, Job, get_sessionmaker, utcnow
+from node.periodic import PeriodicThread
 
 __all__ = ["GcReport", "RetentionThread", "collect_garbage", "remove_leftover_temporaries"]
 
@@ -193,27 +193,13 @@ def collect_garbage(config: NodeConfig, *, dry_run: bool = False, now: dt.dateti
     return report
 
 
-class RetentionThread:
-    """`serve`'s schedule: one `collect_garbage` pass every ``retention.interval_s``."""
+class RetentionThread(PeriodicThread):
+    """`serve`'s schedule: one `collect_garbage` pass at start, then every ``retention.interval_s``."""
 
     def __init__(self, config: NodeConfig) -> None:
-        self._config = config
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        super().__init__("retention", config.retention.interval_s, lambda: _collect_and_log(config),
+                         run_first=True, join_s=30)
 
-    def start(self) -> None:
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                report = collect_garbage(self._config)
-                log.info("%s", report.summary())
-            except Exception:
-                log.exception("retention pass failed")
-            if self._stop.wait(self._config.retention.interval_s):
-                return
+def _collect_and_log(config: NodeConfig) -> None:
+    log.info("%s", collect_garbage(config).summary())

@@ -9,18 +9,16 @@ slot, and the jobs are published straight away.
 from __future__ import annotations
 
 import logging
-import threading
 
 from sqlalchemy import or_, select, update
 
 from node.config import Destination, NodeConfig
 from node.db import Delivery, DeliveryStatus, Job, JobStatus, db_utcnow, get_sessionmaker
+from node.periodic import PeriodicThread
 
 __all__ = ["DestinationProber", "probe_destination", "probe_once", "release_waiting"]
 
 log = logging.getLogger(__name__)
-
-_VERIFICATION = "1.2.840.10008.1.1"
 
 
 def probe_destination(config: NodeConfig, dest: Destination) -> bool:
@@ -34,10 +32,12 @@ def probe_destination(config: NodeConfig, dest: Destination) -> bool:
         except httpx.HTTPError:
             return False
         return response.status_code < 500
+    from pynetdicom.sop_class import Verification
+
     from node.delivery import open_association
 
     try:
-        assoc = open_association(dest, [_VERIFICATION], calling_ae_title=config.delivery.calling_ae_title,
+        assoc = open_association(dest, [Verification], calling_ae_title=config.delivery.calling_ae_title,
                                  timeout_s=timeout_s)
     except Exception:  # refused, unreachable: down
         return False
@@ -100,24 +100,14 @@ def probe_once(config: NodeConfig) -> dict[str, bool]:
     return answered
 
 
-class DestinationProber:
+class DestinationProber(PeriodicThread):
+    """`serve`'s prober: one `probe_once` every ``delivery.probe_interval_s`` (0: off)."""
+
     def __init__(self, config: NodeConfig) -> None:
         self._config = config
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
+        super().__init__("destination probe", config.delivery.probe_interval_s, lambda: probe_once(config),
+                         join_s=15)
 
     def start(self) -> None:
         if self._config.delivery.probe_interval_s > 0 and self._config.destinations:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=15)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._config.delivery.probe_interval_s):
-            try:
-                probe_once(self._config)
-            except Exception:
-                log.exception("destination probe pass failed")
+            super().start()

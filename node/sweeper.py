@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from typing import Any
 
 from sqlalchemy import DateTime, and_, exists, literal, or_, select
 
 from node.config import NodeConfig
 from node.db import Job, JobStatus, WorkerRecord, db_utcnow, get_sessionmaker
+from node.periodic import PeriodicThread
 
 __all__ = ["Sweeper", "jobs_to_requeue", "sweep_once"]
 
@@ -84,22 +84,8 @@ def sweep_once(config: NodeConfig) -> int:
     return count
 
 
-class Sweeper:
+class Sweeper(PeriodicThread):
+    """`serve`'s sweeper: one `sweep_once` every ``worker.sweep_interval_s``."""
+
     def __init__(self, config: NodeConfig) -> None:
-        self._config = config
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._config.worker.sweep_interval_s):
-            try:
-                sweep_once(self._config)
-            except Exception:
-                log.exception("sweeper pass failed")
+        super().__init__("sweeper", config.worker.sweep_interval_s, lambda: sweep_once(config))
