@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,10 @@ from node.db import Job, JobStatus, WorkerRecord, db_utcnow, get_sessionmaker, u
 from node.deliveries import OutputFiles, deliver_pending, delivery_state, output_files
 from node.durable import write_durably
 from node.lease import Lease, LeaseKeeper, LeaseLost, claim, hold
-from node.reasons import JobReason, ReasonCode, RefusedInstance
+from node.reasons import JobReason, ReasonCode, RefusedInstance, first_line
 
 # OutputFiles and output_files are re-exported (their home is node.deliveries).
-__all__ = ["OutputFiles", "claim_job", "output_files", "process_job", "worker_name"]
+__all__ = ["OutputFiles", "output_files", "process_job", "record_worker", "worker_name", "worker_row"]
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +88,6 @@ def get_segmenter(config: NodeConfig) -> Any:
 # --- claiming ------------------------------------------------------------------------------
 
 
-def claim_job(config: NodeConfig, job_id: int) -> Job | None:
-    """Take the job's lease if nobody holds it and it has work left; None otherwise."""
-    lease = claim(config, job_id, [s.value for s in _CLAIMABLE], worker_name())
-    if lease is None:
-        return None
-    with get_sessionmaker(config.database_url)() as session:
-        return session.get(Job, job_id)
-
-
 # --- the job ---------------------------------------------------------------------------------
 
 
@@ -129,9 +119,9 @@ def _run(config: NodeConfig, lease: Lease, job: Job) -> str:
                 return "failed"
             _set(config, lease, status=JobStatus.RUNNING, attempts=job.attempts + 1,
                  started_at=job.started_at or utcnow())
-            written = _run_model_and_write(config, lease)
-            if written.outcome != "written":
-                return written.outcome
+            outcome = _run_model_and_write(config, lease)
+            if outcome != "written":
+                return outcome
         return _deliver(config, lease)
     except LeaseLost:
         raise
@@ -187,12 +177,8 @@ def _finish(config: NodeConfig, lease: Lease, status: JobStatus, reason: JobReas
     log.info("job %s: %s%s", lease.job_id, status, f" ({reason})" if reason else "")
 
 
-@dataclass
-class _Written:
-    outcome: str
-
-
-def _run_model_and_write(config: NodeConfig, lease: Lease) -> _Written:
+def _run_model_and_write(config: NodeConfig, lease: Lease) -> str:
+    """"written", or the job's outcome when it ended here ("failed", "skipped")."""
     from node.outputs import outputs_for, write_png
     from node.preparation import build_outputs, prepare_instance
 
@@ -205,17 +191,17 @@ def _run_model_and_write(config: NodeConfig, lease: Lease) -> _Written:
     if not spool_path or not Path(spool_path).exists():
         _finish(config, lease, JobStatus.FAILED, JobReason(
             ReasonCode.SPOOL_MISSING, "the spooled file is missing; send the instance again"))
-        return _Written("failed")
+        return "failed"
     try:
         prepared = prepare_instance(pydicom.dcmread(spool_path), config)
     except pydicom.errors.InvalidDicomError:
         log.info("job %s: spooled file is not readable DICOM", job_id, exc_info=True)
         _finish(config, lease, JobStatus.SKIPPED,
                 JobReason(ReasonCode.UNDECODABLE, "the spooled file is not readable DICOM"))
-        return _Written("skipped")
+        return "skipped"
     except RefusedInstance as refused:
         _finish(config, lease, JobStatus.SKIPPED, refused.reason)
-        return _Written("skipped")
+        return "skipped"
     source = prepared.source
 
     segmenter = get_segmenter(config)
@@ -247,14 +233,17 @@ def _run_model_and_write(config: NodeConfig, lease: Lease) -> _Written:
 
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from node.outputs import AlgorithmInfo, OutputKind
+    from node.outputs import AlgorithmInfo, OutputKind, regions_for
 
     algorithm = AlgorithmInfo.from_segmenter(segmenter)
-    written = _Written("written")
+    regions = None  # the SR's and the GSPS's, computed once for both
     for kind in plan.kinds:  # delivery order: SEG, SR, GSPS, SC
         path = files.path_of(kind)
         assert path is not None
-        built = build_outputs(prepared, prediction, [kind], algorithm=algorithm, options=options, uids=uids)
+        if regions is None and kind in (OutputKind.SR, OutputKind.GSPS):
+            regions = regions_for(prepared.header.dataset, prediction, options)
+        built = build_outputs(prepared, prediction, [kind], algorithm=algorithm, options=options, uids=uids,
+                              regions=regions)
         dataset = built.objects[kind]
         write_durably(dataset, path, file_meta=dataset.file_meta)
         if kind is OutputKind.SEG and len(plan.kinds) > 1:
@@ -281,7 +270,7 @@ def _run_model_and_write(config: NodeConfig, lease: Lease) -> _Written:
     log.info("job %s: %s (max p %.3f, %d px) in %.0f ms", job_id,
              "positive" if prediction.positive else "negative", prediction.score, prediction.area_px, inference_ms)
     record_worker(config, segmenter, jobs_done=1)
-    return written
+    return "written"
 
 
 def _deliver(config: NodeConfig, lease: Lease) -> str:
@@ -305,15 +294,21 @@ def _deliver(config: NodeConfig, lease: Lease) -> str:
     return "done"
 
 
+def worker_row(session: Any) -> WorkerRecord:
+    """This process's row in `workers`, added to the session if it has none yet."""
+    record = session.get(WorkerRecord, worker_name())
+    if record is None:
+        record = WorkerRecord(name=worker_name(), started_at=utcnow(), jobs_done=0)
+        session.add(record)
+    return record
+
+
 def record_worker(config: NodeConfig, segmenter: Any, *, jobs_done: int = 0) -> None:
     """This process's row in `workers` (status page: alive, device, model); never raises."""
     factory = get_sessionmaker(config.database_url)
     try:
         with factory() as session:
-            record = session.get(WorkerRecord, worker_name())
-            if record is None:
-                record = WorkerRecord(name=worker_name(), started_at=utcnow(), jobs_done=0)
-                session.add(record)
+            record = worker_row(session)
             record.device = resolve_device(config)
             record.model_name = segmenter.name
             record.model_version = segmenter.version
@@ -324,4 +319,4 @@ def record_worker(config: NodeConfig, segmenter: Any, *, jobs_done: int = 0) -> 
             record.serving_error = record.serving_error_code = None
             session.commit()
     except Exception as exc:  # one line: the heartbeat repeats
-        log.warning("could not record worker heartbeat: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning("could not record worker heartbeat: %s", first_line(exc))

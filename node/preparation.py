@@ -8,7 +8,7 @@ exactly this code on thousands of headers without a database or a network.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from node.outputs import (
     build_seg,
     build_sr,
 )
+from node.outputs.regions import Region
 from node.outputs.sanitize import SourceHeader, prepare_source_header
 from node.reasons import JobReason, ReasonCode, RefusedInstance
 
@@ -93,9 +94,12 @@ def build_outputs(
     algorithm: AlgorithmInfo,
     options: OutputOptions,
     uids: Mapping[OutputKind, tuple[str, str]],
+    regions: Sequence[Region] | None = None,
 ) -> BuiltOutputs:
     """The objects of `kinds`, from the prepared header; `uids` holds (series UID, SOP UID) of
-    every object the job writes, so an SR built alone still references the job's SEG."""
+    every object the job writes, so an SR built alone still references the job's SEG.
+    `regions`: `regions_for(prepared.header.dataset, prediction, options)` when the caller has
+    them (None: the SR and the GSPS compute them)."""
     header = prepared.header.dataset
     wanted = set(kinds)
     missing = sorted(str(kind) for kind in wanted if kind not in uids)
@@ -111,9 +115,9 @@ def build_outputs(
         if kind is OutputKind.SEG:
             objects[kind] = build_seg(header, prediction.mask, **common)
         elif kind is OutputKind.SR:
-            objects[kind] = build_sr(header, prediction, seg=seg_reference, **common)
+            objects[kind] = build_sr(header, prediction, seg=seg_reference, regions=regions, **common)
         elif kind is OutputKind.GSPS:
-            objects[kind] = build_gsps(header, prediction, **common)
+            objects[kind] = build_gsps(header, prediction, regions=regions, **common)
         else:
             objects[kind], rgb = build_overlay(header, prepared.source.pixels, prediction, **common)
     return BuiltOutputs(objects, rgb)

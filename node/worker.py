@@ -20,7 +20,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from node.config import NodeConfig
-from node.db import WorkerRecord, dispose_engines, get_sessionmaker, utcnow
+from node.db import dispose_engines, get_sessionmaker, utcnow
 from node.preflight import ServingProblem, worker_problem
 from node.reasons import first_line
 from node.tasks import app, set_worker_config, worker_config
@@ -53,14 +53,11 @@ def _heartbeat(config: NodeConfig) -> None:
 def record_cannot_serve(config: NodeConfig, problem: ServingProblem) -> None:
     """This process's `workers` row says it cannot serve, and why; never raises."""
     from node.metrics import count_event
-    from node.pipeline import worker_name
+    from node.pipeline import worker_row
 
     try:
         with get_sessionmaker(config.database_url)() as session:
-            record = session.get(WorkerRecord, worker_name())
-            if record is None:
-                record = WorkerRecord(name=worker_name(), started_at=utcnow(), jobs_done=0)
-                session.add(record)
+            record = worker_row(session)
             record.device = config.model.device
             record.last_seen = utcnow()
             record.settings_digest = config.shared_settings_digest()

@@ -4,6 +4,7 @@ secondary-capture overlay."""
 from node.outputs.gsps import build_gsps
 from node.outputs.options import DELIVERY_ORDER, AlgorithmInfo, OutputKind, OutputOptions
 from node.outputs.policy import OutputPlan, outputs_for
+from node.outputs.regions import regions_for
 from node.outputs.render import render_overlay, write_png
 from node.outputs.sanitize import SourceHeader, prepare_source_header, sanitize_source
 from node.outputs.sc import build_overlay
@@ -26,6 +27,7 @@ __all__ = [
     "build_sr",
     "outputs_for",
     "prepare_source_header",
+    "regions_for",
     "render_overlay",
     "sanitize_source",
     "write_png",

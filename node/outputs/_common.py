@@ -1,4 +1,4 @@
-"""Pieces shared by the SEG and SC writers: input checks and the texts they carry."""
+"""Pieces shared by the writers (SEG, SR, GSPS, SC): input checks and the texts they carry."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 
 from node.outputs.options import AlgorithmInfo, OutputOptions
+from node.outputs.sanitize import sanitize_source
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
 UNTRAINED = "UNTRAINED"
@@ -93,6 +94,32 @@ def check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all():
         return mask.astype(bool)
     raise ValueError("mask must be boolean (or integer 0/1).")
+
+
+def checked_mask(
+    source: pydicom.Dataset, mask: np.ndarray, *, algorithm: AlgorithmInfo, series_instance_uid: str,
+    sop_instance_uid: str,
+) -> np.ndarray:
+    """The checks every writer starts with, in this order: the source, the mask (returned as
+    bool), the output UIDs, the algorithm."""
+    mask = check_mask(mask, check_source(source))
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError("algorithm must be an AlgorithmInfo.")
+    return mask
+
+
+def source_header(source: pydicom.Dataset, options: OutputOptions) -> pydicom.Dataset:
+    """The header a writer copies: `sanitize_source` with the configured fallback character set."""
+    return sanitize_source(source, fallback_character_set=options.fallback_character_set)
+
+
+def algorithm_version(algorithm: AlgorithmInfo) -> str:
+    """The version the SEG and the SR record: "1.0 UNTRAINED" or "1.0 sha256:<12 hex>" (LO, at most 64)."""
+    if algorithm.untrained:
+        return f"{algorithm.version} {UNTRAINED}"[:64]
+    return f"{algorithm.version} sha256:{algorithm.short_hash}"[:64]
 
 
 def series_description(kind: str, algorithm: AlgorithmInfo, options: OutputOptions) -> str:

@@ -4,24 +4,24 @@ original radiograph, with its own windowing, for PACS viewers that show neither 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 import pydicom
 
 from node.outputs._common import (
     PredictionLike,
     algorithm_sentence,
-    check_mask,
-    check_source,
-    check_uid,
+    checked_mask,
     equipment,
     finding_sentence,
     series_description,
     set_body_part,
+    source_header,
     with_disclaimer,
 )
 from node.outputs.options import AlgorithmInfo, OutputOptions
-from node.outputs.regions import regions_of
-from node.outputs.sanitize import sanitize_source
+from node.outputs.regions import Region, regions_of
 
 __all__ = ["GRAPHIC_LAYER", "build_gsps"]
 
@@ -62,18 +62,17 @@ def build_gsps(
     series_instance_uid: str,
     sop_instance_uid: str,
     options: OutputOptions,
+    regions: Sequence[Region] | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """Outlines (closed polylines, pixel units) of every region and a text with the finding;
-    a negative gets the text only."""
-    shape = check_source(source)
-    mask = check_mask(prediction.mask, shape)
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo.")
-
-    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
-    rows, columns = shape
+    a negative gets the text only. `regions`: those of `regions_for` with the same arguments,
+    when the caller has them already (None: computed here)."""
+    mask = checked_mask(source, prediction.mask, algorithm=algorithm, series_instance_uid=series_instance_uid,
+                        sop_instance_uid=sop_instance_uid)
+    header = source_header(source, options)
+    if regions is None:
+        regions = regions_of(mask, getattr(prediction, "probability", None), header)
+    rows, columns = mask.shape
     layer = hd.pr.GraphicLayer(
         layer_name=GRAPHIC_LAYER, order=1, description="Pneumothorax outline (ptx-node)",
         display_color=hd.color.CIELabColor.from_rgb(*options.outline_color),
@@ -84,7 +83,7 @@ def build_gsps(
             units=hd.pr.AnnotationUnitsValues.PIXEL, is_filled=False,
             tracking_id=f"Pneumothorax region {region.number}", tracking_uid=hd.UID(),
         )
-        for region in regions_of(mask, getattr(prediction, "probability", None), header)
+        for region in regions
     ]
     text = with_disclaimer(f"{finding_sentence(prediction)} {algorithm_sentence(algorithm)}", options)
     # a band across the top tenth of the image, clear of most anatomy

@@ -17,19 +17,12 @@ class OutputPlan:
 
     kinds: tuple[OutputKind, ...]
 
-    def __contains__(self, kind: object) -> bool:
-        return kind in self.kinds
-
     def __iter__(self) -> Iterator[OutputKind]:
         return iter(self.kinds)
 
     @property
     def seg(self) -> bool:
         return OutputKind.SEG in self.kinds
-
-    @property
-    def sc(self) -> bool:
-        return OutputKind.SC in self.kinds
 
     @property
     def empty(self) -> bool:

@@ -14,7 +14,10 @@ import cv2
 import numpy as np
 import pydicom
 
-__all__ = ["MAX_OUTLINE_POINTS", "MAX_REGIONS", "Region", "Side", "regions_of", "side_of"]
+from node.outputs._common import PredictionLike, check_mask, check_source, source_header
+from node.outputs.options import OutputOptions
+
+__all__ = ["MAX_OUTLINE_POINTS", "MAX_REGIONS", "Region", "Side", "regions_for", "regions_of", "side_of"]
 
 # Viewers and archives choke on SRs with thousands of groups; the SEG holds every region.
 MAX_REGIONS = 100
@@ -94,15 +97,13 @@ def _outline(component: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
     return np.vstack([points, points[:1]])  # closed: last point repeats the first
 
 
-def regions_of(
-    mask: np.ndarray, probability: np.ndarray | None, header: pydicom.Dataset, *, limit: int = MAX_REGIONS
-) -> list[Region]:
+def regions_of(mask: np.ndarray, probability: np.ndarray | None, header: pydicom.Dataset) -> list[Region]:
     """The mask's 8-connected components (as `model.postprocess` counts them), largest first,
-    at most `limit` of them."""
+    at most `MAX_REGIONS` of them."""
     if not mask.any():
         return []
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    order = sorted(range(1, count), key=lambda k: -int(stats[k, cv2.CC_STAT_AREA]))[:limit]
+    order = sorted(range(1, count), key=lambda k: -int(stats[k, cv2.CC_STAT_AREA]))[:MAX_REGIONS]
     regions: list[Region] = []
     for number, label in enumerate(order, start=1):
         x, y, w, h = (int(v) for v in stats[label, :4])
@@ -116,3 +117,10 @@ def regions_of(
             side=side_of(component, header, column_offset=x, image_columns=mask.shape[1]),
         ))
     return regions
+
+
+def regions_for(source: pydicom.Dataset, prediction: PredictionLike, options: OutputOptions) -> list[Region]:
+    """The regions `build_sr` and `build_gsps` compute from the same arguments (the checked
+    mask, the prediction's probability map, the sanitized header): computed once per job, for both."""
+    mask = check_mask(prediction.mask, check_source(source))
+    return regions_of(mask, getattr(prediction, "probability", None), source_header(source, options))

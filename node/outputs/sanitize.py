@@ -140,11 +140,6 @@ class SourceHeader:
     dataset: pydicom.Dataset
     repairs: tuple[str, ...]
 
-    @property
-    def character_set(self) -> str | list[str] | None:
-        value = self.dataset.get("SpecificCharacterSet")
-        return None if value in (None, "") else value
-
 
 def check_character_set_name(name: str) -> str:
     """A DICOM defined term (single-byte, ISO_IR 192, GB18030) or a Python codec name."""

@@ -15,18 +15,17 @@ from node.outputs._common import (
     MODEL_NAME,
     PredictionLike,
     algorithm_sentence,
-    check_mask,
     check_source,
-    check_uid,
+    checked_mask,
     finding_sentence,
     series_description,
     set_body_part,
     software_versions,
+    source_header,
     with_disclaimer,
 )
 from node.outputs.options import AlgorithmInfo, OutputOptions
 from node.outputs.render import render_overlay
-from node.outputs.sanitize import sanitize_source
 
 __all__ = ["build_overlay"]
 
@@ -49,14 +48,11 @@ def build_overlay(
     shape = check_source(source)
     if not isinstance(display, np.ndarray) or display.shape != shape:
         raise ValueError(f"display must be an array of the source image's shape {shape}.")
-    check_mask(prediction.mask, shape)
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo.")
+    checked_mask(source, prediction.mask, algorithm=algorithm, series_instance_uid=series_instance_uid,
+                 sop_instance_uid=sop_instance_uid)
 
     rgb = render_overlay(display, prediction, algorithm=algorithm, options=options)
-    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
+    header = source_header(source, options)
     now = datetime.datetime.now()
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,

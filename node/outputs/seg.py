@@ -13,15 +13,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node.outputs._common import (
     algorithm_sentence,
-    check_mask,
-    check_source,
-    check_uid,
+    algorithm_version,
+    checked_mask,
     equipment,
     series_description,
+    source_header,
     with_disclaimer,
 )
 from node.outputs.options import AlgorithmInfo, OutputOptions
-from node.outputs.sanitize import sanitize_source
 
 __all__ = ["SEGMENT_LABEL", "build_seg", "algorithm_identification"]
 
@@ -41,15 +40,13 @@ NOMINAL_SPACING_NOTE = (
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
     """Name, family (Artificial Intelligence), version with checkpoint hash; full hash as a parameter."""
     if algorithm.untrained:
-        version = f"{algorithm.version} UNTRAINED"
         parameters = {"checkpoint": "none (untrained, random weights)"}
     else:
-        version = f"{algorithm.version} sha256:{algorithm.short_hash}"
         parameters = {"checkpoint_sha256": str(algorithm.checkpoint_sha256)}
     return hd.AlgorithmIdentificationSequence(
         name=algorithm.name[:64],
         family=codes.cid7162.ArtificialIntelligence,
-        version=version[:64],
+        version=algorithm_version(algorithm),
         parameters=parameters,
     )
 
@@ -68,14 +65,9 @@ def build_seg(
     The frame is written even when `mask` is empty; it references the source image in
     ReferencedSeriesSequence and per frame (DerivationImageSequence), as OHIF needs.
     """
-    shape = check_source(source)
-    mask = check_mask(mask, shape)
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo.")
-
-    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
+    mask = checked_mask(source, mask, algorithm=algorithm, series_instance_uid=series_instance_uid,
+                        sop_instance_uid=sop_instance_uid)
+    header = source_header(source, options)
     projection = not _has_patient_geometry(header)
     if projection and "FrameOfReferenceUID" in header:
         # a frame of reference without orientation/position cannot place the frame

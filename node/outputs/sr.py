@@ -17,6 +17,7 @@ Content tree (PS3.16 TID 1500):
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -28,18 +29,17 @@ from pydicom.uid import generate_uid
 from node.outputs._common import (
     DISCLAIMER,
     MODEL_NAME,
-    UNTRAINED,
     PredictionLike,
-    check_mask,
-    check_source,
+    algorithm_version,
     check_uid,
+    checked_mask,
     device_serial_number,
     series_description,
     software_versions,
+    source_header,
 )
 from node.outputs.options import AlgorithmInfo, OutputOptions
 from node.outputs.regions import Region, Side, regions_of, side_of
-from node.outputs.sanitize import sanitize_source
 
 __all__ = ["PROCEDURE_REPORTED", "ReferencedSeg", "build_sr", "device_uid"]
 
@@ -88,14 +88,13 @@ def _spacing_source(header: pydicom.Dataset) -> str | None:
 
 def _algorithm(algorithm: AlgorithmInfo, options: OutputOptions) -> hd.sr.AlgorithmIdentification:
     if algorithm.untrained:
-        version, parameters = f"{algorithm.version} {UNTRAINED}", ["checkpoint: none (untrained, random weights)"]
+        parameters = ["checkpoint: none (untrained, random weights)"]
     else:
-        version = f"{algorithm.version} sha256:{algorithm.short_hash}"
         parameters = [f"checkpoint sha256: {algorithm.checkpoint_sha256}"]
     if options.diagnostic_disclaimer:
         parameters.append(DISCLAIMER)
     return hd.sr.AlgorithmIdentification(
-        name=algorithm.name[:64], version=version[:64], parameters=parameters,
+        name=algorithm.name[:64], version=algorithm_version(algorithm), parameters=parameters,
         family=codes.cid7162.ArtificialIntelligence,
     )
 
@@ -106,7 +105,7 @@ def _finding_sites(side: Side | None) -> list[hd.sr.FindingSite]:
 
 
 def _measurements(
-    area_px: int, area_mm2: float | None, probability: float, method: hd.sr.CodedConcept | None,
+    area_mm2: float | None, probability: float, method: hd.sr.CodedConcept | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> list[hd.sr.Measurement]:
     measurements = []
@@ -139,18 +138,17 @@ def build_sr(
     sop_instance_uid: str,
     options: OutputOptions,
     seg: ReferencedSeg | None = None,
+    regions: Sequence[Region] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The measurement report of one radiograph, in the source's study and its own series."""
-    shape = check_source(source)
-    mask = check_mask(prediction.mask, shape)
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo.")
+    """The measurement report of one radiograph, in the source's study and its own series.
+    `regions`: those of `regions_for` with the same arguments, when the caller has them
+    already (None: computed here)."""
+    mask = checked_mask(source, prediction.mask, algorithm=algorithm, series_instance_uid=series_instance_uid,
+                        sop_instance_uid=sop_instance_uid)
     if seg is not None and not isinstance(seg, ReferencedSeg):
         raise TypeError("seg must be a ReferencedSeg or None.")
 
-    header = sanitize_source(source, fallback_character_set=options.fallback_character_set)
+    header = source_header(source, options)
     algorithm_id = _algorithm(algorithm, options)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
@@ -160,7 +158,7 @@ def build_sr(
         ),
     )
     if prediction.positive:
-        groups = _positive_groups(header, prediction, mask, algorithm_id, seg)
+        groups = _positive_groups(header, prediction, mask, algorithm_id, seg, regions)
     else:
         groups = [_negative_group(header, algorithm_id)]
     report = hd.sr.MeasurementReport(
@@ -202,13 +200,13 @@ def _source_for_region(header: pydicom.Dataset) -> hd.sr.SourceImageForRegion:
 
 def _positive_groups(
     header: pydicom.Dataset, prediction: PredictionLike, mask: np.ndarray,
-    algorithm_id: hd.sr.AlgorithmIdentification, seg: ReferencedSeg | None,
+    algorithm_id: hd.sr.AlgorithmIdentification, seg: ReferencedSeg | None, regions: Sequence[Region] | None,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     spacing_keyword = _spacing_source(header)
     method = {"PixelSpacing": _AREA_IN_PATIENT, "ImagerPixelSpacing": _AREA_AT_DETECTOR}.get(spacing_keyword or "")
     finding_uid = hd.UID()
-    probability = getattr(prediction, "probability", None)
-    regions = regions_of(mask, probability, header)
+    if regions is None:
+        regions = regions_of(mask, getattr(prediction, "probability", None), header)
     groups = []
     if seg is not None:
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -217,7 +215,7 @@ def _positive_groups(
             finding_type=codes.SCT.Pneumothorax,
             finding_sites=_finding_sites(side_of(mask, header)),
             measurements=_measurements(
-                prediction.area_px, _area_mm2(prediction.area_px, prediction), prediction.score, method, algorithm_id
+                _area_mm2(prediction.area_px, prediction), prediction.score, method, algorithm_id
             ),
         ))
     for region in regions:
@@ -246,7 +244,7 @@ def _region_group(
         finding_type=codes.SCT.Pneumothorax,
         finding_sites=_finding_sites(region.side),
         measurements=_measurements(
-            region.area_px, _area_mm2(region.area_px, prediction), region.max_probability, method, algorithm_id
+            _area_mm2(region.area_px, prediction), region.max_probability, method, algorithm_id
         ),
         geometric_purpose=codes.DCM.Outline,
     )
