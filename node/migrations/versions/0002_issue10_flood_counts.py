@@ -2,13 +2,13 @@
 peer, reason and minute instead of one row each
 
 Revision ID: 0002_issue10_flood_counts
-Revises: 0002_issue14_worker_settings_digest
+Revises: 0002_issue14_settings_digest
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_issue10_flood_counts"
-down_revision = "0002_issue14_worker_settings_digest"
+down_revision = "0002_issue14_settings_digest"
 branch_labels = None
 depends_on = None
 

@@ -1,12 +1,12 @@
 """workers: settings digest and why a worker cannot serve; fleet-wide metric counters
 
-Revision ID: 0002_issue14_worker_settings_digest
-Revises: 0001
+Revision ID: 0002_issue14_settings_digest
+Revises: 0002_issue8_reason_code
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_issue14_worker_settings_digest"
+revision = "0002_issue14_settings_digest"
 down_revision = "0002_issue8_reason_code"
 branch_labels = None
 depends_on = None

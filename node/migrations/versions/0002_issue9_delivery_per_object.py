@@ -1,7 +1,7 @@
 """deliveries: one row per output object per destination
 
 Revision ID: 0002_issue9_delivery_per_object
-Revises: 0002_issue14_worker_settings_digest
+Revises: 0002_issue10_flood_counts
 Create Date: 2026-12-01 09:00:00
 
 Each (job, destination) row becomes one row per output object (SEG, SC) the job
