@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
@@ -96,7 +95,3 @@ def jobs(config: NodeConfig) -> list[Job]:
 def associations(config: NodeConfig) -> list[Association]:
     with get_sessionmaker(config.database_url)() as session:
         return list(session.scalars(select(Association).order_by(Association.id)))
-
-
-def read(path: str | Path) -> Dataset:
-    return pydicom.dcmread(path)

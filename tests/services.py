@@ -176,6 +176,17 @@ def base_node_config(workdir: Path, *, destinations: list[dict[str, Any]] | None
 # --- test data ----------------------------------------------------------------------------------------
 
 
+def make_phantom(path: Path, seed: int = 1, size: int = 512, **attrs: object) -> Path:
+    """A generated chest CR phantom (trainer.synth, reproducible by seed) written to ``path``."""
+    import numpy as np
+
+    from trainer.synth import make_phantom as phantom
+    from trainer.synth import write_dicom
+
+    image, _mask = phantom(np.random.default_rng(seed), size)
+    return write_dicom(path, image, **attrs)
+
+
 def pydicom_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 

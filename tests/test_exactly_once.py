@@ -22,7 +22,7 @@ from node.config import Destination, NodeConfig, load_config
 from node.db import Delivery, DeliveryStatus, Job, JobStatus, get_sessionmaker, migrate, utcnow
 from node.demo.receiver import FolderReceiver
 from node.durable import write_durably
-from tests.services import pydicom_file
+from tests.services import make_phantom, pydicom_file
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -259,15 +259,6 @@ def test_default_settings_ride_out_an_outage_then_fail_with_the_reason(tmp_path:
 # --- races: the same image twice at once -------------------------------------------------------------
 
 
-def _chest_file(path: Path, seed: int, size: int = 256) -> Path:
-    import numpy as np
-
-    from trainer.synth import make_phantom, write_dicom
-
-    image, _mask = make_phantom(np.random.default_rng(seed), size)
-    return write_dicom(path, image)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -282,7 +273,7 @@ def test_two_threads_accepting_one_instance_make_one_job(tmp_path: Path, databas
     config = load_config(None, environ={}, overrides={"spool_dir": str(tmp_path / "spool"),
                                                       "database_url": database_url})
     migrate(config.database_url)
-    source = pydicom.dcmread(_chest_file(tmp_path / "chest.dcm", seed=3))
+    source = pydicom.dcmread(make_phantom(tmp_path / "chest.dcm", seed=3, size=256))
     for trial in range(20):
         ds = source.copy()
         ds.SOPInstanceUID = generate_uid()
@@ -326,7 +317,7 @@ def test_one_instance_on_two_associations_at_once_gives_one_job_and_one_set_of_o
     node = NodeProcess(tmp_path / "node", config).start()
     trials = 20
     try:
-        source = pydicom.dcmread(_chest_file(tmp_path / "chest.dcm", seed=5))
+        source = pydicom.dcmread(make_phantom(tmp_path / "chest.dcm", seed=5, size=256))
         sent = []
         for trial in range(trials):
             ds = source.copy()

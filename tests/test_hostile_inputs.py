@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -24,7 +23,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from node.db import TERMINAL_STATUSES, JobStatus
 from node.demo.pacs import free_port
 from tests.outputs_helpers import dciodvfy_errors
-from tests.services import NodeProcess, base_node_config
+from tests.services import NodeProcess, base_node_config, make_phantom
 
 pytestmark = [pytest.mark.services]
 
@@ -33,10 +32,7 @@ DIMSE_SUCCESS = 0x0000
 
 
 def phantom(folder: Path, size: int = 512) -> Dataset:
-    from trainer.synth import make_phantom, write_dicom
-
-    image, _mask = make_phantom(np.random.default_rng(7), size)
-    return pydicom.dcmread(write_dicom(folder / f"phantom-{generate_uid()}.dcm", image))
+    return pydicom.dcmread(make_phantom(folder / f"phantom-{generate_uid()}.dcm", seed=7, size=size))
 
 
 def to_bytes(ds: Dataset) -> bytes:

@@ -26,6 +26,7 @@ from tests.services import (
     Orthanc,
     base_node_config,
     deid_file,
+    make_phantom,
     pydicom_file,
     require_tool,
     wait_until,
@@ -37,15 +38,6 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 # Tests run the untrained network at a small input size: the path under test is the node's.
 MODEL = {"allow_untrained": True, "device": "cpu", "tta": True, "untrained_input_size": 256}
-
-
-def make_phantom(path: Path, seed: int = 1, size: int = 512, **attrs: object) -> Path:
-    from trainer.synth import make_phantom as phantom
-    from trainer.synth import write_dicom
-
-    rng = np.random.default_rng(seed)
-    image, _mask = phantom(rng, size)
-    return write_dicom(path, image, **attrs)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -34,19 +34,19 @@ from tests.outputs_helpers import (
     pixelmed_errors,
     pixelmed_sr_reports,
 )
-from tests.services import NodeProcess, Orthanc, base_node_config, deid_file, pydicom_file
+from tests.services import (
+    NodeProcess,
+    Orthanc,
+    base_node_config,
+    deid_file,
+    make_phantom,
+    pydicom_file,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 KINDS = ("seg", "sr", "gsps", "sc")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-
-
-def _phantom(path: Path) -> Path:
-    from trainer.synth import make_phantom, write_dicom
-
-    image, _mask = make_phantom(np.random.default_rng(11), 512)
-    return write_dicom(path, image)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _collect(orthanc: Orthanc, tmp: Path, inputs: dict[str, Path], jobs: list[An
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("results-e2e")
-    phantom = _phantom(tmp / "phantom.dcm")
+    phantom = make_phantom(tmp / "phantom.dcm", seed=11, size=512)
     positive_inputs = {
         "RG1_UNCR": pydicom_file("RG1_UNCR.dcm"),
         "RG1_J2KI": pydicom_file("RG1_J2KI.dcm"),

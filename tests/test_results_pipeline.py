@@ -20,6 +20,7 @@ from node.db import Job, JobStatus, get_engine, get_sessionmaker, migrate
 from node.demo.receiver import FolderReceiver
 from node.intake import IntakeOutcome, accept_instance
 from tests.forced_checkpoint import forced_checkpoint
+from tests.services import make_phantom
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,15 +39,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     return {positive: forced_checkpoint(base / str(positive), positive=positive) for positive in (True, False)}
 
 
-def _phantom(path: Path) -> Path:
-    import numpy as np
-
-    from trainer.synth import make_phantom, write_dicom
-
-    image, _ = make_phantom(np.random.default_rng(7), 384)
-    return write_dicom(path, image)
-
-
 def _run(tmp_path: Path, checkpoint: Path, receiver: FolderReceiver, outputs: dict) -> tuple[Path, Job]:
     data = {
         "spool_dir": str(tmp_path / "spool"),
@@ -59,7 +51,7 @@ def _run(tmp_path: Path, checkpoint: Path, receiver: FolderReceiver, outputs: di
     config_path = write_config_file(tmp_path / "node.toml", data)
     config = load_config(config_path, environ={})
     migrate(config.database_url)
-    ds = pydicom.dcmread(_phantom(tmp_path / "phantom.dcm"))
+    ds = pydicom.dcmread(make_phantom(tmp_path / "phantom.dcm", seed=7, size=384))
     intake = accept_instance(ds, file_meta=ds.file_meta, config=config, calling_ae="PACS")
     assert intake.outcome == IntakeOutcome.QUEUED
 
