@@ -117,10 +117,11 @@ def prediction_for(mask: np.ndarray, pixel_spacing_mm: tuple[float, float] | Non
 
 
 def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
-    """(lines with "Error", full output) of dciodvfy on `path`; skips/fails when it is missing."""
+    """(lines with "Error", full output) of dciodvfy on `path`; skips/fails when it is missing.
+    Read as latin-1: dciodvfy quotes values in the file's own bytes, which need not be UTF-8."""
     tool = require_tool("dciodvfy")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
+    result = subprocess.run([tool, str(path)], capture_output=True, timeout=300)
+    output = (result.stdout + result.stderr).decode("latin-1")
     return [line for line in output.splitlines() if "Error" in line], output
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import subprocess
 import time
 import warnings
 from collections import Counter
@@ -43,7 +42,7 @@ from node.outputs.sanitize import OUTPUT_TEXT_ATTRIBUTES, REQUIRED_ATTRIBUTES
 from node.preparation import build_outputs, prepare_instance
 from node.reasons import JobReason, ReasonCode, RefusedInstance, exception_text_in
 from tests.conftest import RUN_NOTES
-from tests.outputs_helpers import ellipse_mask, prediction_for
+from tests.outputs_helpers import dciodvfy_errors, ellipse_mask, prediction_for
 from tests.services import deid_file, pydicom_file, require_tool
 
 pytestmark = pytest.mark.services
@@ -316,12 +315,6 @@ def run_source(mutation: Mutation, out_dir: str) -> Outcome:
 # --------------------------------------------------------------------------- checks of one output
 
 
-def dciodvfy_errors(path: str) -> list[str]:
-    result = subprocess.run(["dciodvfy", path], capture_output=True, timeout=120)
-    text = (result.stdout + result.stderr).decode("latin-1")
-    return [line for line in text.splitlines() if line.startswith("Error")]
-
-
 def _strict_decode(raw: bytes, terms: list[str]) -> str:
     encodings = [python_encoding[t] for t in terms] if terms else ["ascii"]
     if terms and terms[0] in ("", "ISO_IR 6", "ISO 2022 IR 6"):
@@ -375,7 +368,7 @@ def check_output(outcome: Outcome) -> list[str]:
     problems = []
     for path in outcome.paths:
         kind = "SEG" if path.endswith("-seg.dcm") else "SC"
-        problems += [f"{kind} dciodvfy: {line}" for line in dciodvfy_errors(path)]
+        problems += [f"{kind} dciodvfy: {line}" for line in dciodvfy_errors(Path(path))[0]]
         problems += [f"{kind} text: {p}" for p in text_problems(path, outcome.mutation, outcome.expected_text)]
         try:
             if kind == "SEG":
