@@ -22,6 +22,7 @@ __all__ = [
     "PreprocessConfig",
     "SourceImage",
     "UnsupportedImageError",
+    "pixel_spacing_of",
     "preprocess",
     "source_image_from_dataset",
     "source_image_from_png",
@@ -90,7 +91,9 @@ class SourceImage:
 # --------------------------------------------------------------------------- DICOM / PNG in
 
 
-def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+def pixel_spacing_of(ds: pydicom.Dataset) -> tuple[str, tuple[float, float]] | None:
+    """The spacing areas are measured with, and the attribute it came from: PixelSpacing,
+    else ImagerPixelSpacing (the detector plane), each only when both values are positive."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         if value is None:
@@ -100,8 +103,13 @@ def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
         except (TypeError, ValueError, IndexError):
             continue
         if all(math.isfinite(v) and v > 0 for v in spacing):
-            return spacing
+            return keyword, spacing
     return None
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    found = pixel_spacing_of(ds)
+    return found[1] if found else None
 
 
 def _stats_sample(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

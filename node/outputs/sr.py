@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from model.preprocess import pixel_spacing_of
 from node.outputs._common import (
     DISCLAIMER,
     MODEL_NAME,
@@ -75,15 +76,6 @@ class ReferencedSeg:
 def device_uid() -> str:
     """The node's device observer UID: stable per host, so reports from one worker group."""
     return generate_uid(entropy_srcs=["ptx-node device observer", device_serial_number()])
-
-
-def _spacing_source(header: pydicom.Dataset) -> str | None:
-    """Which header attribute the area's spacing came from (as `model.preprocess` picks it)."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = header.get(keyword)
-        if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-            return keyword
-    return None
 
 
 def _algorithm(algorithm: AlgorithmInfo, options: OutputOptions) -> hd.sr.AlgorithmIdentification:
@@ -202,7 +194,8 @@ def _positive_groups(
     header: pydicom.Dataset, prediction: PredictionLike, mask: np.ndarray,
     algorithm_id: hd.sr.AlgorithmIdentification, seg: ReferencedSeg | None, regions: Sequence[Region] | None,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    spacing_keyword = _spacing_source(header)
+    spacing = pixel_spacing_of(header)  # the one the model measured the area with
+    spacing_keyword = spacing[0] if spacing else None
     method = {"PixelSpacing": _AREA_IN_PATIENT, "ImagerPixelSpacing": _AREA_AT_DETECTOR}.get(spacing_keyword or "")
     finding_uid = hd.UID()
     if regions is None:
