@@ -194,20 +194,19 @@ class Segmenter:
                 in_channels=manifest.in_channels, classes=manifest.classes,
                 decoder_channels=manifest.decoder_channels,
             )
-            if fold is None:
+            try:
                 network.load_state_dict(state, strict=True)
-            else:
-                try:
-                    network.load_state_dict(state, strict=True)
-                except RuntimeError as exc:
-                    detail = " ".join(str(exc).split())[:200]
-                    raise CheckpointError(
-                        f"Ensemble member fold {fold} does not fit the manifest's network "
-                        f"({manifest.architecture} / {manifest.encoder}): {detail}"
-                    ) from None
+            except RuntimeError as exc:
+                if fold is None:
+                    raise
+                detail = " ".join(str(exc).split())[:200]
+                raise CheckpointError(
+                    f"Ensemble member fold {fold} does not fit the manifest's network "
+                    f"({manifest.architecture} / {manifest.encoder}): {detail}"
+                ) from None
             networks.append(network)
         return cls(
-            networks if manifest.ensemble is not None else networks[0], manifest, device=device, tta=tta,
+            networks, manifest, device=device, tta=tta,
             checkpoint_sha256=manifest.weights_sha256, untrained=False, **options,
         )
 
