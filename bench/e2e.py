@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import calendar
-import contextlib
 import datetime as dt
 import json
 import os
@@ -54,7 +53,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -62,9 +61,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from nodeproc import NodeProcess, process_tree  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from node.config import write_config_file  # noqa: E402
 from node.demo.pacs import LocalOrthanc, free_port, wait_until  # noqa: E402
 
 __all__ = ["main"]
@@ -209,85 +208,28 @@ def node_config(workdir: Path, *, workers: int, orthanc: LocalOrthanc | None, in
     return config
 
 
-class NodeServer:
-    """`ptx-node serve --config FILE` as a subprocess (its own process group)."""
+class NodeServer(NodeProcess):
+    """`ptx-node serve --config FILE` as a subprocess (its own session); node.toml, node.log."""
+
+    stop_timeout = 40.0
+    log_tail_on_error = 4000
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.config_path = write_config_file(workdir / "node.toml", config)
-        self.log_path = workdir / "node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, config, name="node")
 
-    @property
-    def port(self) -> int:
-        return int(self.config["scp"]["port"])
-
-    @property
-    def ae_title(self) -> str:
-        return str(self.config["scp"]["ae_title"])
-
-    @property
-    def database_url(self) -> str:
-        return str(self.config["database_url"])
-
-    def start(self, timeout: float = 120) -> NodeServer:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PTX_NODE_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
-        )
-        wait_until(self._ready, timeout, interval=0.1, what="ptx-node to be ready")
-        return self
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def _ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"ptx-node exited {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-        return "ptx-node ready" in self.log_text()
+    def start(self, wait: bool = True, timeout: float = 120.0, interval: float = 0.1) -> Self:
+        return super().start(wait=wait, timeout=timeout, interval=interval)
 
     def pids(self) -> list[int]:
         """The serve process and its embedded workers (for profilers)."""
         if self.proc is None:
             return []
         # Embedded workers run in their own sessions: walk the process tree, not the group.
-        found, frontier = [self.proc.pid], [self.proc.pid]
-        while frontier:
-            out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout
-            children = [int(p) for p in out.split()]
-            found += children
-            frontier += children
-        return found
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-        self._log.close()
+        return process_tree(self.proc.pid)
 
     # job rows
     def jobs_by_sop(self) -> dict[str, Any]:
-        from sqlalchemy import select
-
-        from node.db import Job, get_sessionmaker
-
-        with get_sessionmaker(self.database_url)() as session:
-            jobs = list(session.scalars(select(Job)))
-            session.expunge_all()
-        return {j.sop_instance_uid: j for j in jobs}
+        return {j.sop_instance_uid: j for j in self.jobs()}
 
     def wait_terminal(self, sop_uids: Sequence[str], timeout: float, interval: float = 0.05) -> dict[str, Any]:
         from node.db import TERMINAL_STATUSES

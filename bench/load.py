@@ -55,9 +55,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from nodeproc import NodeProcess, kill_tree, process_tree  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from node.config import write_config_file  # noqa: E402
 from node.demo.pacs import free_port, wait_until  # noqa: E402
 
 __all__ = ["main"]
@@ -238,23 +238,6 @@ def node_config(workdir: Path, receiver_port: int, *, database_url: str | None =
     }
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PTX_NODE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def process_tree(pid: int) -> list[int]:
-    found, frontier = [pid], [pid]
-    while frontier:
-        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout
-        children = [int(p) for p in out.split()]
-        found += children
-        frontier += children
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -262,48 +245,20 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-class Node:
-    def __init__(self, workdir: Path, config: dict[str, Any], command: str = "serve") -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.command = command
-        self.config_path = write_config_file(workdir / f"{command}.toml", config)
-        self.log_path = workdir / f"{command}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+class Node(NodeProcess):
+    """``ptx-node serve`` (or ``worker``) with files ``COMMAND.toml`` and ``COMMAND.log`` in ``workdir``."""
 
-    @property
-    def port(self) -> int:
-        return int(self.config["scp"]["port"])
-
-    @property
-    def database_url(self) -> str:
-        return str(self.config["database_url"])
-
-    def start(self, wait: bool = True) -> Node:
-        args = [sys.executable, "-m", "node.cli", self.command, "--config", str(self.config_path)]
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-                                         start_new_session=True)
-        if wait and self.command == "serve":
-            mark = self.log_path.read_text(errors="replace").count("ptx-node ready")
-            wait_until(lambda: self._ready(mark), 300, interval=0.2, what="ptx-node to be ready")
-        return self
-
-    def _ready(self, before: int) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"ptx-node exited {self.proc.returncode}")
-        return self.log_path.read_text(errors="replace").count("ptx-node ready") > before
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
 
     def kill_all(self) -> int:
         """SIGKILL the node and everything it started (its embedded workers run in their own sessions)."""
         assert self.proc is not None
-        pids = process_tree(self.proc.pid)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        killed = kill_tree(self.proc.pid)
         self.proc.wait()
-        return len(pids)
+        return killed
 
     def kill_workers(self) -> int:
         """SIGKILL the worker processes (the node's supervisor starts new ones)."""
@@ -314,29 +269,6 @@ class Node:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return len(workers or pids)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            for pid in process_tree(self.proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def jobs(self) -> list[Any]:
-        from sqlalchemy import select
-
-        from node.db import Job, get_sessionmaker
-
-        with get_sessionmaker(self.database_url)() as session:
-            jobs = list(session.scalars(select(Job)))
-            session.expunge_all()
-        return jobs
 
 
 # Where a scenario writes what it measured so far (a run may be cut short).
