@@ -463,7 +463,7 @@ class InProcess:
 
 
 def _save_fsync(ds: pydicom.Dataset, path: Path) -> None:
-    # As node.intake.write_durably does: the node fsyncs its outputs before sending them.
+    # As node.durable.write_durably does: the node fsyncs its outputs before sending them.
     ds.save_as(path, enforce_file_format=True)
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
